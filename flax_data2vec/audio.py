@@ -1,0 +1,285 @@
+"""Data2Vec audio encoder: CNN feature encoder -> projection -> positional convs -> post-LN Transformer.
+
+Numerically the function of transformers' `Data2VecAudioModel` (see REFERENCE.md §1). Inputs are
+raw 16 kHz waveforms `(batch, samples)`; the feature encoder turns them into 50 Hz frames.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import Data2VecAudioConfig
+from .base import ModelOptions
+from .layers import TransformerStack, gelu, layer_norm, mask_to_bias_mask
+from .outputs import BaseModelOutput
+
+Array = jax.Array
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# lengths and masks
+def conv_output_lengths(config: Data2VecAudioConfig, lengths, add_adapter: bool | None = None):
+    """Frames the feature encoder (and the adapter, if any) makes from `lengths` samples; numpy or jnp."""
+    add_adapter = config.add_adapter if add_adapter is None else add_adapter
+    for k, s in zip(config.conv_kernel, config.conv_stride):
+        lengths = (lengths - k) // s + 1
+    if add_adapter:
+        for _ in range(config.num_adapter_layers):
+            lengths = (lengths - 1) // config.adapter_stride + 1
+    return lengths
+
+
+def feature_attention_mask(config: Data2VecAudioConfig, attention_mask: Array, num_frames: int,
+                           add_adapter: bool = False) -> Array:
+    """Sample-level padding mask (right padded) -> (batch, frames) bool mask of the real frames."""
+    lengths = conv_output_lengths(config, attention_mask.astype(jnp.int32).sum(-1), add_adapter)
+    return jnp.arange(num_frames)[None, :] < lengths[:, None]
+
+
+def spec_augment_mask(rng: Array, shape: tuple[int, int], prob: float, span: int, min_masks: int,
+                      lengths: Array | None = None) -> Array:
+    """On-device SpecAugment span mask with the counting rule of transformers' `_compute_mask_indices`.
+
+    Each row gets `max(min_masks, int(prob * len / span + u))` spans (u ~ U(0,1), one per batch) with
+    distinct start frames in [0, len - span]; returns a (batch, T) bool mask. Static shapes, so it jits.
+    """
+    batch, length = shape
+    lengths = jnp.full((batch,), length) if lengths is None else lengths
+    k_eps, k_start = jax.random.split(rng)
+    eps = jax.random.uniform(k_eps)
+    num_spans = jnp.maximum(min_masks, jnp.floor(prob * lengths / span + eps)).astype(jnp.int32)
+    num_spans = jnp.minimum(num_spans, lengths // span)  # spans must fit in the row
+    starts_allowed = jnp.arange(length)[None, :] <= (lengths - span)[:, None]
+    scores = jnp.where(starts_allowed, jax.random.uniform(k_start, (batch, length)), -1.0)
+    ranks = jnp.argsort(jnp.argsort(-scores, axis=-1), axis=-1)
+    starts = (ranks < num_spans[:, None]) & starts_allowed
+    covered = jnp.cumsum(starts, axis=-1)
+    covered = covered - jnp.pad(covered, ((0, 0), (span, 0)))[:, :length]
+    return covered > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# front end
+class ConvLayer(nn.Module):
+    """Conv1d (VALID) -> LayerNorm over channels -> GELU: one feature-encoder layer."""
+
+    features: int
+    kernel: int
+    stride: int
+    use_bias: bool
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        x = nn.Conv(self.features, (self.kernel,), (self.stride,), padding="VALID", use_bias=self.use_bias,
+                    dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=nn.initializers.he_normal(),
+                    name="conv")(x)
+        return gelu(layer_norm(1e-5, "layer_norm", self.dtype, self.param_dtype)(x))
+
+
+class FeatureEncoder(nn.Module):
+    """Raw waveform (batch, samples) -> (batch, frames, conv_dim[-1]) features."""
+
+    config: Data2VecAudioConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_values: Array) -> Array:
+        c = self.config
+        x = input_values[:, :, None].astype(self.dtype)
+        for i, (dim, k, s) in enumerate(zip(c.conv_dim, c.conv_kernel, c.conv_stride)):
+            x = ConvLayer(dim, k, s, c.conv_bias, self.dtype, self.param_dtype, name=f"conv_layers_{i}")(x)
+        return x
+
+
+class PositionalConvEmbedding(nn.Module):
+    """`num_conv_pos_embeddings` grouped convs, each -> parameter-free LayerNorm -> GELU (no weight norm)."""
+
+    config: Data2VecAudioConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = self.config
+        k = c.conv_pos_kernel_size
+        for j in range(c.num_conv_pos_embeddings):
+            x = nn.Conv(c.hidden_size, (k,), padding=[(k // 2, k // 2)],
+                        feature_group_count=c.num_conv_pos_embedding_groups, dtype=self.dtype,
+                        param_dtype=self.param_dtype, kernel_init=nn.initializers.he_normal(),
+                        name=f"layers_{j}")(x)
+            if k % 2 == 0:  # an even kernel with k//2 padding on both sides makes one frame too many
+                x = x[:, :-1]
+            x = gelu(layer_norm(c.layer_norm_eps, None, self.dtype, self.param_dtype, affine=False)(x))
+        return x
+
+
+class Adapter(nn.Module):
+    """Optional down-sampler after the encoder: [Linear + LN] then strided conv + GLU layers."""
+
+    config: Data2VecAudioConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = self.config
+        out = c.adapter_hidden_size
+        if out != c.hidden_size:
+            x = nn.Dense(out, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(x)
+            x = layer_norm(1e-5, "proj_layer_norm", self.dtype, self.param_dtype)(x)
+        for n in range(c.num_adapter_layers):
+            y = nn.Conv(2 * out, (c.adapter_kernel_size,), (c.adapter_stride,), padding=[(1, 1)], dtype=self.dtype,
+                        param_dtype=self.param_dtype, name=f"layers_{n}")(x)
+            # The reference skips adapter layers at random in training (layerdrop), which changes the output
+            # length that its own CTC lengths assume; we always run them (static shapes).
+            x = nn.glu(y, axis=-1)
+        return x
+
+
+class AudioEncoder(nn.Module):
+    """Positional convs + LayerNorm + dropout, then the Transformer layers (padded frames zeroed first)."""
+
+    config: Data2VecAudioConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    scan_layers: bool = False
+    remat: bool = False
+    attention_implementation: str | None = None
+
+    @nn.compact
+    def __call__(self, x: Array, frame_mask: Array | None, deterministic: bool = True,
+                 output_attentions: bool = False):
+        c = self.config
+        if frame_mask is not None:
+            x = jnp.where(frame_mask[:, :, None], x, 0)
+        # The reference leaks the amount of padding into real frames through these convs
+        # (transformers#25621, kept for fairseq parity); so do we.
+        x = x + PositionalConvEmbedding(c, self.dtype, self.param_dtype, name="pos_conv_embed")(x)
+        x = layer_norm(c.layer_norm_eps, "layer_norm", self.dtype, self.param_dtype)(x)
+        x = nn.Dropout(c.hidden_dropout)(x, deterministic=deterministic)
+        stack = TransformerStack(
+            c.num_hidden_layers,
+            dict(hidden_size=c.hidden_size, num_heads=c.num_attention_heads, intermediate_size=c.intermediate_size,
+                 hidden_dropout=c.hidden_dropout, attention_dropout=c.attention_dropout,
+                 activation_dropout=c.activation_dropout, layer_norm_eps=c.layer_norm_eps,
+                 init_std=c.initializer_range, attention_implementation=self.attention_implementation,
+                 dtype=self.dtype, param_dtype=self.param_dtype),
+            layerdrop=c.layerdrop, scan_layers=self.scan_layers, remat=self.remat, name="transformer")
+        return stack(x, mask_to_bias_mask(frame_mask), deterministic=deterministic,
+                     output_attentions=output_attentions)
+
+
+def check_audio_inputs(config: Data2VecAudioConfig, input_values, attention_mask=None) -> None:
+    """Reject bad audio input with a clear message before anything is traced."""
+    shape = getattr(input_values, "shape", None)
+    dtype = getattr(input_values, "dtype", None)
+    if shape is None or len(shape) != 2:
+        raise ValueError(f"input_values must have shape (batch, samples), got {shape}")
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"input_values must be a float array of raw audio, got dtype {dtype}")
+    if shape[1] < config.receptive_field:
+        raise ValueError(f"input_values has {shape[1]} samples, fewer than the feature encoder's receptive field "
+                         f"({config.receptive_field} samples): at least one frame is needed")
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(shape):
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must equal input_values shape {shape}")
+
+
+class Data2VecAudioModel(ModelOptions):
+    """The bare Data2Vec audio encoder: `last_hidden_state` (batch, frames, hidden) and `extract_features`.
+
+    `freeze_feature_encoder=True` stops gradients at the CNN output (no backward pass through it).
+    SpecAugment: pass `mask_time_indices`, or train (`deterministic=False`) with `mask_time_prob > 0`;
+    the mask is then drawn from the `'mask'` PRNG stream (falling back to `'dropout'`).
+    """
+
+    freeze_feature_encoder: bool = False
+
+    @nn.compact
+    def __call__(self, input_values: Array, attention_mask: Array | None = None,
+                 mask_time_indices: Array | None = None, *, deterministic: bool = True,
+                 output_attentions: bool = False, output_hidden_states: bool = False,
+                 output_layer_results: bool = False) -> BaseModelOutput:
+        c: Data2VecAudioConfig = self.config
+        check_audio_inputs(c, input_values, attention_mask)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        features = FeatureEncoder(c, **kw, name="feature_extractor")(input_values)
+        if self.freeze_feature_encoder:
+            features = jax.lax.stop_gradient(features)
+        frame_mask = None
+        if attention_mask is not None:
+            frame_mask = feature_attention_mask(c, attention_mask, features.shape[1])
+
+        hidden, extract_features = FeatureProjection(c, **kw, name="feature_projection")(features, deterministic)
+        hidden = self._mask(hidden, frame_mask, mask_time_indices, deterministic)
+
+        encoder = AudioEncoder(c, **self.options, name="encoder")
+        last, hidden_states, extras = encoder(hidden, frame_mask, deterministic, output_attentions)
+        if c.add_adapter:
+            last = Adapter(c, **kw, name="adapter")(last)
+        return BaseModelOutput(
+            last_hidden_state=last,
+            extract_features=extract_features,
+            hidden_states=hidden_states if output_hidden_states else None,
+            attentions=tuple(e[0] for e in extras) if output_attentions else None,
+            layer_results=tuple(e[2] for e in extras) if output_layer_results else None,
+            feature_mask=frame_mask,
+        )
+
+    def _mask(self, hidden: Array, frame_mask: Array | None, mask_time_indices: Array | None,
+              deterministic: bool) -> Array:
+        """SpecAugment: masked frames become the learned `masked_spec_embed`, masked channels zero."""
+        c = self.config
+        if not (c.mask_time_prob > 0 or c.mask_feature_prob > 0):
+            if mask_time_indices is not None:
+                raise ValueError("mask_time_indices given, but this config has no masked_spec_embed "
+                                 "(mask_time_prob and mask_feature_prob are both 0)")
+            return hidden
+        embed = self.param("masked_spec_embed", nn.initializers.uniform(1.0), (c.hidden_size,), self.param_dtype)
+        if not c.apply_spec_augment:
+            return hidden
+        training = not deterministic
+        lengths = None if frame_mask is None else frame_mask.sum(-1)
+        if mask_time_indices is None and training and c.mask_time_prob > 0:
+            mask_time_indices = spec_augment_mask(self._mask_rng(), hidden.shape[:2], c.mask_time_prob,
+                                                  c.mask_time_length, c.mask_time_min_masks, lengths)
+        if mask_time_indices is not None:
+            if tuple(mask_time_indices.shape) != hidden.shape[:2]:
+                raise ValueError(f"mask_time_indices must have shape (batch, frames) = {hidden.shape[:2]}, "
+                                 f"got {tuple(mask_time_indices.shape)}")
+            hidden = jnp.where(mask_time_indices[:, :, None].astype(bool), embed.astype(hidden.dtype), hidden)
+        if training and c.mask_feature_prob > 0:
+            feat = spec_augment_mask(self._mask_rng(), (hidden.shape[0], c.hidden_size), c.mask_feature_prob,
+                                     c.mask_feature_length, c.mask_feature_min_masks)
+            hidden = jnp.where(feat[:, None, :], 0, hidden)
+        return hidden
+
+    def _mask_rng(self) -> Array:
+        return self.make_rng("mask") if self.has_rng("mask") else self.make_rng("dropout")
+
+
+class FeatureProjection(nn.Module):
+    """LayerNorm(conv features) -> Linear to hidden size -> dropout; also returns the normed features."""
+
+    config: Data2VecAudioConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, features: Array, deterministic: bool = True):
+        c = self.config
+        normed = layer_norm(c.layer_norm_eps, "layer_norm", self.dtype, self.param_dtype)(features)
+        fan_in = features.shape[-1]
+        bound = 1.0 / np.sqrt(fan_in)
+        init = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)  # noqa: E731
+        hidden = nn.Dense(c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=init,
+                          bias_init=init, name="projection")(normed)
+        hidden = nn.Dropout(c.feat_proj_dropout)(hidden, deterministic=deterministic)
+        return hidden, normed

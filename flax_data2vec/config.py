@@ -1,0 +1,273 @@
+"""Frozen, hashable configs that read and write transformers' Data2Vec `config.json` files.
+
+Field names and defaults are those of `transformers.Data2VecAudioConfig` / `Data2VecTextConfig`,
+so a checkpoint's config round-trips unchanged. Keys this package does not model are kept in
+`extra` and written back by `to_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, ClassVar, Mapping
+
+# Keys transformers adds to every config.json that carry no architecture information.
+_BOOKKEEPING_KEYS = frozenset(
+    {"transformers_version", "_name_or_path", "return_dict", "output_attentions", "output_hidden_states",
+     "dtype", "torch_dtype", "is_encoder_decoder", "chunk_size_feed_forward", "num_labels",
+     "num_feat_extract_layers", "model_type"}
+)
+
+
+def _freeze(value: Any) -> Any:
+    """Lists (from JSON) become tuples so that configs stay hashable."""
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Behaviour shared by both configs: labels, dict round trip, validation hooks."""
+
+    model_type: ClassVar[str] = ""
+
+    id2label: tuple[tuple[int, str], ...] = ((0, "LABEL_0"), (1, "LABEL_1"))
+    problem_type: str | None = None
+    architectures: tuple[str, ...] | None = None
+    extra: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "id2label" and isinstance(value, Mapping):
+                value = tuple(sorted((int(k), str(v)) for k, v in value.items()))
+            elif f.name == "extra" and isinstance(value, Mapping):
+                value = tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in value.items()))
+            else:
+                value = _freeze(value)
+            object.__setattr__(self, f.name, value)
+        if self.problem_type not in (None, "regression", "single_label_classification",
+                                     "multi_label_classification"):
+            raise ValueError(f"problem_type must be regression, single_label_classification or "
+                             f"multi_label_classification, got {self.problem_type!r}")
+        self.validate()
+
+    def validate(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by "
+                             f"num_attention_heads ({self.num_attention_heads})")
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.hidden_act != "gelu":
+            raise ValueError(f"hidden_act: only 'gelu' (exact erf GELU, as in the checkpoints) is supported, "
+                             f"got {self.hidden_act!r}")
+
+    # -- labels ---------------------------------------------------------------------------------
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {v: k for k, v in self.id2label}
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def replace(self, **changes) -> "_Config":
+        """A copy with fields changed; `num_labels=N` is accepted and rewrites `id2label`."""
+        if "num_labels" in changes:
+            n = changes.pop("num_labels")
+            changes.setdefault("id2label", tuple((i, f"LABEL_{i}") for i in range(n)))
+        return dataclasses.replace(self, **changes)
+
+    # -- dict / json ----------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], **overrides) -> "_Config":
+        """Build from a transformers config dict; unknown keys go to `extra`, never an error."""
+        d = dict(d)
+        d.update(overrides)
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs, extra = {}, {}
+        if "num_labels" in d and "id2label" not in d:
+            d["id2label"] = {i: f"LABEL_{i}" for i in range(int(d["num_labels"]))}
+        for key, value in d.items():
+            if key in names and key != "extra":
+                kwargs[key] = value
+            elif key not in _BOOKKEEPING_KEYS and key != "label2id":
+                extra[key] = value
+        model_type = d.get("model_type")
+        if model_type not in (None, cls.model_type):
+            raise ValueError(f"config.json has model_type {model_type!r}; {cls.__name__} expects {cls.model_type!r}")
+        return cls(**kwargs, extra=extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A transformers-compatible config dict (what `config.json` holds)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            value = getattr(self, f.name)
+            if f.name == "id2label":
+                out["id2label"] = {str(k): v for k, v in value}
+                out["label2id"] = {v: k for k, v in value}
+                continue
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        out.update({k: json.loads(v) for k, v in self.extra})
+        out["model_type"] = self.model_type
+        return out
+
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **overrides) -> "_Config":
+        """Read `config.json` from a directory or a file path."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no config.json at {path}")
+        with open(path) as f:
+            return cls.from_dict(json.load(f), **overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class Data2VecAudioConfig(_Config):
+    """Config of the Data2Vec audio encoder and its heads (transformers' `Data2VecAudioConfig`)."""
+
+    model_type: ClassVar[str] = "data2vec-audio"
+
+    vocab_size: int = 32
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout: float = 0.1
+    activation_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    feat_proj_dropout: float = 0.0
+    final_dropout: float = 0.1
+    layerdrop: float = 0.1
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-5
+    feat_extract_activation: str = "gelu"
+    conv_dim: tuple[int, ...] = (512, 512, 512, 512, 512, 512, 512)
+    conv_stride: tuple[int, ...] = (5, 2, 2, 2, 2, 2, 2)
+    conv_kernel: tuple[int, ...] = (10, 3, 3, 3, 3, 2, 2)
+    conv_bias: bool = False
+    num_conv_pos_embedding_groups: int = 16
+    conv_pos_kernel_size: int = 19
+    num_conv_pos_embeddings: int = 5
+    mask_time_prob: float = 0.05
+    mask_time_length: int = 10
+    mask_time_min_masks: int = 2
+    mask_feature_prob: float = 0.0
+    mask_feature_length: int = 10
+    mask_feature_min_masks: int = 0
+    ctc_loss_reduction: str = "sum"
+    ctc_zero_infinity: bool = False
+    use_weighted_layer_sum: bool = False
+    classifier_proj_size: int = 256
+    tdnn_dim: tuple[int, ...] = (512, 512, 512, 512, 1500)
+    tdnn_kernel: tuple[int, ...] = (5, 3, 3, 1, 1)
+    tdnn_dilation: tuple[int, ...] = (1, 2, 3, 1, 1)
+    xvector_output_dim: int = 512
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    add_adapter: bool = False
+    adapter_kernel_size: int = 3
+    adapter_stride: int = 2
+    num_adapter_layers: int = 3
+    output_hidden_size: int | None = None
+    apply_spec_augment: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        n = len(self.conv_dim)
+        for name in ("conv_stride", "conv_kernel"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"{name} has {len(getattr(self, name))} entries but conv_dim has {n}: "
+                                 "conv_dim, conv_stride and conv_kernel must have the same length")
+        for name in ("tdnn_kernel", "tdnn_dilation"):
+            if len(getattr(self, name)) != len(self.tdnn_dim):
+                raise ValueError(f"{name} has {len(getattr(self, name))} entries but tdnn_dim has "
+                                 f"{len(self.tdnn_dim)}: they must have the same length")
+        if self.hidden_size % self.num_conv_pos_embedding_groups:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by "
+                             f"num_conv_pos_embedding_groups ({self.num_conv_pos_embedding_groups})")
+        if self.feat_extract_activation != "gelu":
+            raise ValueError(f"feat_extract_activation: only 'gelu' is supported, got {self.feat_extract_activation!r}")
+        if self.ctc_loss_reduction not in ("sum", "mean"):
+            raise ValueError(f"ctc_loss_reduction must be 'sum' or 'mean', got {self.ctc_loss_reduction!r}")
+
+    @property
+    def num_feat_extract_layers(self) -> int:
+        return len(self.conv_dim)
+
+    @property
+    def inputs_to_logits_ratio(self) -> int:
+        return math.prod(self.conv_stride)
+
+    @property
+    def adapter_hidden_size(self) -> int:
+        """Width after the optional adapter (`output_hidden_size`, defaulting to `hidden_size`)."""
+        return self.output_hidden_size or self.hidden_size
+
+    @property
+    def receptive_field(self) -> int:
+        """Fewest samples that give one feature frame (400 at the default conv stack)."""
+        field = 1
+        for k, s in zip(reversed(self.conv_kernel), reversed(self.conv_stride)):
+            field = (field - 1) * s + k
+        return field
+
+
+@dataclasses.dataclass(frozen=True)
+class Data2VecTextConfig(_Config):
+    """Config of the Data2Vec text encoder and its heads (transformers' `Data2VecTextConfig`)."""
+
+    model_type: ClassVar[str] = "data2vec-text"
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int | None = 1
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 2
+    use_cache: bool = True
+    classifier_dropout: float | None = None
+    is_decoder: bool = False
+    add_cross_attention: bool = False
+    tie_word_embeddings: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        if self.add_cross_attention and not self.is_decoder:
+            raise ValueError("add_cross_attention=True requires is_decoder=True")
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"pad_token_id ({self.pad_token_id}) must lie in [0, vocab_size={self.vocab_size})")
+
+    @property
+    def max_sequence_length(self) -> int:
+        """Longest input the learned positions cover (RoBERTa offsets positions by pad_token_id + 1)."""
+        return self.max_position_embeddings - (self.pad_token_id or 0) - 1

@@ -1,0 +1,251 @@
+"""The Transformer pieces both modalities share: attention, the post-LN layer and the layer stack.
+
+Data2Vec audio and text use the same post-LayerNorm block (attention -> add & norm -> FFN -> add & norm);
+they differ only in their front ends. The stack can run unrolled, under `nn.scan` (one compiled
+layer) and/or under `nn.remat`; parameter names stay the same so the weight tables apply to all.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+
+# Attention implementations accepted by `jax.nn.dot_product_attention` (None lets JAX choose: XLA).
+ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
+
+
+def gelu(x: Array) -> Array:
+    """Exact (erf) GELU, as transformers' `ACT2FN['gelu']`; the tanh form differs by ~5e-4."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def dense(features: int, std: float, name: str, dtype: Dtype, param_dtype: Dtype, use_bias: bool = True) -> nn.Dense:
+    """A Linear layer with the reference's normal(0, initializer_range) init."""
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                    kernel_init=nn.initializers.normal(std), name=name)
+
+
+def layer_norm(eps: float, name: str | None, dtype: Dtype, param_dtype: Dtype, affine: bool = True) -> nn.LayerNorm:
+    """LayerNorm with an explicit eps (Flax's default 1e-6 differs from torch's 1e-5)."""
+    return nn.LayerNorm(epsilon=eps, use_scale=affine, use_bias=affine, dtype=dtype,
+                        param_dtype=param_dtype, name=name)
+
+
+def mask_to_bias_mask(attention_mask: Array | None) -> Array | None:
+    """(batch, keys) 0/1 padding mask -> boolean (batch, 1, 1, keys) mask for attention."""
+    if attention_mask is None:
+        return None
+    return attention_mask.astype(bool)[:, None, None, :]
+
+
+class Attention(nn.Module):
+    """Multi-head attention; `kv` given means cross-attention. Optional autoregressive KV cache.
+
+    Runs through `jax.nn.dot_product_attention` (cuDNN flash attention on GPU when
+    `implementation='cudnn'`), except when attention weights are requested or attention dropout is
+    active, which need the explicit softmax.
+    """
+
+    num_heads: int
+    hidden_size: int
+    dropout_rate: float = 0.0
+    init_std: float = 0.02
+    implementation: str | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, kv: Array | None = None, mask: Array | None = None, *, causal: bool = False,
+                 deterministic: bool = True, output_attentions: bool = False, decode: bool = False):
+        head_dim = self.hidden_size // self.num_heads
+        proj = functools.partial(dense, self.hidden_size, self.init_std, dtype=self.dtype, param_dtype=self.param_dtype)
+        kv = x if kv is None else kv
+        split = lambda t: t.reshape(t.shape[:-1] + (self.num_heads, head_dim))  # noqa: E731
+        q, k, v = split(proj(name="query")(x)), split(proj(name="key")(kv)), split(proj(name="value")(kv))
+
+        if decode:
+            k, v, mask = self._update_cache(k, v, mask)
+            causal = False  # the cache mask already encodes causality
+        elif causal:
+            tq, tk = q.shape[1], k.shape[1]
+            causal_mask = jnp.tril(jnp.ones((tq, tk), bool))[None, None]
+            mask = causal_mask if mask is None else mask & causal_mask
+
+        dropout_active = self.dropout_rate > 0.0 and not deterministic
+        weights = None
+        if output_attentions or dropout_active:
+            scale = head_dim ** -0.5
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+            if mask is not None:
+                logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+            weights = jax.nn.softmax(logits, axis=-1)
+            probs = weights
+            if dropout_active:
+                probs = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
+            out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
+        out = out.reshape(out.shape[:2] + (self.hidden_size,))
+        return proj(name="out")(out), (weights if output_attentions else None)
+
+    def _update_cache(self, k: Array, v: Array, mask: Array | None):
+        """Write this step's keys/values into the cache; return the full cache and its mask."""
+        is_initialized = self.has_variable("cache", "cached_key")
+        cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+        cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+        if not is_initialized:  # first call (init) only sizes the cache
+            tq = k.shape[1]
+            return k, v, jnp.tril(jnp.ones((tq, tq), bool))[None, None] & (True if mask is None else mask)
+        max_len, tq = cached_k.value.shape[1], k.shape[1]
+        start = index.value
+        k = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), (0, start, 0, 0))
+        v = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), (0, start, 0, 0))
+        cached_k.value, cached_v.value, index.value = k, v, start + tq
+        key_pos = jnp.arange(max_len)[None, :]
+        query_pos = start + jnp.arange(tq)[:, None]
+        cache_mask = (key_pos <= query_pos)[None, None]
+        if mask is not None:  # a (batch, 1, 1, max_len) padding mask over the whole cache
+            cache_mask = cache_mask & mask
+        return k, v, cache_mask
+
+
+class TransformerLayer(nn.Module):
+    """One post-LN block: self-attention [-> cross-attention] -> feed-forward, each with add & norm.
+
+    Returns the new hidden states and (self-attention weights, cross-attention weights, FFN output).
+    The FFN output is taken before dropout, residual and LayerNorm: the data2vec regression target.
+    """
+
+    hidden_size: int
+    num_heads: int
+    intermediate_size: int
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    layer_norm_eps: float = 1e-5
+    init_std: float = 0.02
+    cross_attention: bool = False
+    causal: bool = False
+    attention_implementation: str | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array | None, encoder_hidden_states: Array | None = None,
+                 encoder_mask: Array | None = None, deterministic: bool = True, output_attentions: bool = False,
+                 decode: bool = False):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        attention = functools.partial(Attention, self.num_heads, self.hidden_size, self.attention_dropout,
+                                      self.init_std, self.attention_implementation, **kw)
+        drop = lambda t: nn.Dropout(self.hidden_dropout)(t, deterministic=deterministic)  # noqa: E731
+        norm = lambda name: layer_norm(self.layer_norm_eps, name, **kw)  # noqa: E731
+
+        h, self_weights = attention(name="attention")(x, mask=mask, causal=self.causal, deterministic=deterministic,
+                                                      output_attentions=output_attentions, decode=decode)
+        x = norm("attention_norm")(x + drop(h))
+        cross_weights = None
+        if self.cross_attention:
+            h, cross_weights = attention(name="crossattention")(
+                x, encoder_hidden_states, mask=encoder_mask, deterministic=deterministic,
+                output_attentions=output_attentions)
+            x = norm("crossattention_norm")(x + drop(h))
+        h = gelu(dense(self.intermediate_size, self.init_std, "intermediate", **kw)(x))
+        h = nn.Dropout(self.activation_dropout)(h, deterministic=deterministic)
+        ffn = dense(self.hidden_size, self.init_std, "output", **kw)(h)
+        x = norm("output_norm")(x + drop(ffn))
+        return x, (self_weights, cross_weights, ffn)
+
+
+class _ScanBody(nn.Module):
+    """Adapts a layer to `nn.scan`'s (carry, xs) -> (carry, ys) form, with layerdrop."""
+
+    layer: Callable[..., nn.Module]
+    layerdrop: float
+
+    @nn.compact
+    def __call__(self, x, _, mask, encoder_hidden_states, encoder_mask, deterministic, output_attentions, decode):
+        y, extras = self.layer(name="layer")(x, mask, encoder_hidden_states, encoder_mask, deterministic,
+                                            output_attentions, decode)
+        y = _maybe_drop_layer(self, x, y, self.layerdrop, deterministic)
+        return y, (y, extras)
+
+
+def _maybe_drop_layer(module: nn.Module, x: Array, y: Array, layerdrop: float, deterministic: bool) -> Array:
+    """LayerDrop: in training, keep the layer's input instead of its output with probability `layerdrop`."""
+    if deterministic or layerdrop <= 0.0:
+        return y
+    skip = jax.random.uniform(module.make_rng("dropout")) < layerdrop
+    return jnp.where(skip, x, y)
+
+
+class TransformerStack(nn.Module):
+    """`num_layers` TransformerLayers, unrolled (params `layers_{i}`) or scanned (params `layers`, stacked).
+
+    Returns (last hidden, all hidden states incl. the stack's input, per-layer extras) where the
+    extras are (self-attention weights, cross-attention weights, FFN outputs) per layer.
+    """
+
+    num_layers: int
+    layer_kwargs: dict
+    layerdrop: float = 0.0
+    scan_layers: bool = False
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array | None, encoder_hidden_states: Array | None = None,
+                 encoder_mask: Array | None = None, deterministic: bool = True, output_attentions: bool = False,
+                 decode: bool = False):
+        layer_cls: Any = TransformerLayer
+        if self.remat:
+            # static: deterministic, output_attentions, decode (argument indices count `self` as 0)
+            layer_cls = nn.remat(TransformerLayer, static_argnums=(5, 6, 7), prevent_cse=not self.scan_layers)
+        layer = functools.partial(layer_cls, **self.layer_kwargs)
+        if self.scan_layers:
+            scanned = nn.scan(
+                _ScanBody, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
+                in_axes=(0,) + (nn.broadcast,) * 6, length=self.num_layers)
+            y, (hidden, extras) = scanned(layer, self.layerdrop, name="layers")(
+                x, None, mask, encoder_hidden_states, encoder_mask, deterministic, output_attentions, decode)
+            hidden_states = (x,) + tuple(hidden[i] for i in range(self.num_layers))
+            extras = [jax.tree_util.tree_map(lambda t, i=i: t[i], extras) for i in range(self.num_layers)]
+            return y, hidden_states, extras
+        hidden_states, extras = [x], []
+        for i in range(self.num_layers):
+            y, ex = layer(name=f"layers_{i}")(x, mask, encoder_hidden_states, encoder_mask, deterministic,
+                                              output_attentions, decode)
+            x = _maybe_drop_layer(self, x, y, self.layerdrop, deterministic)
+            hidden_states.append(x)
+            extras.append(ex)
+        return x, tuple(hidden_states), extras
+
+
+def stack_layer_params(params: dict, num_layers: int, prefix: str = "layers_") -> dict:
+    """Unrolled `layers_{i}` subtrees -> one scanned `layers/layer` subtree with a leading layer axis."""
+    layers = [params[f"{prefix}{i}"] for i in range(num_layers)]
+    rest = {k: v for k, v in params.items() if not k.startswith(prefix)}
+    rest["layers"] = {"layer": jax.tree_util.tree_map(lambda *t: jnp.stack(t), *layers)}
+    return rest
+
+
+def unstack_layer_params(params: dict, num_layers: int, prefix: str = "layers_") -> dict:
+    """Inverse of `stack_layer_params`."""
+    stacked = params["layers"]["layer"]
+    rest = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(num_layers):
+        rest[f"{prefix}{i}"] = jax.tree_util.tree_map(lambda t, i=i: t[i], stacked)
+    return rest
+
+
+def weighted_layer_sum(hidden_states: Sequence[Array], layer_weights: Array) -> Array:
+    """Softmax-weighted sum over all hidden states (`use_weighted_layer_sum`)."""
+    stacked = jnp.stack(hidden_states, axis=1)
+    w = jax.nn.softmax(layer_weights.astype(jnp.float32))
+    return jnp.einsum("blth,l->bth", stacked, w.astype(stacked.dtype))
