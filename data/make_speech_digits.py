@@ -101,12 +101,11 @@ def build(out_dir: str, seed: int, n_train: int, n_eval: int, bits: int) -> dict
                          "speed": speed, "pitch": pitch})
             seconds += len(pcm) / SAMPLE_RATE
         with open(os.path.join(out_dir, f"{split}.jsonl"), "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+            f.writelines(json.dumps(row) + "\n" for row in rows)
         stats[split] = {"utterances": len(rows), "seconds": round(seconds, 1)}
     total = sum(os.path.getsize(os.path.join(audio_dir, n)) for n in os.listdir(audio_dir))
     stats["audio_megabytes"] = round(total / 2**20, 2)
-    stats["espeak_ng"] = subprocess.run(["espeak-ng", "--version"], capture_output=True,
+    stats["espeak_ng"] = subprocess.run(["espeak-ng", "--version"], check=True, capture_output=True,
                                         text=True).stdout.strip()
     return stats
 

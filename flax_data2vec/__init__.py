@@ -1,6 +1,13 @@
 """flax_data2vec: Data2Vec audio and text models in JAX/Flax, numerically matching transformers."""
 
-from .config import Data2VecAudioConfig, Data2VecTextConfig
 from .audio import Data2VecAudioModel
+from .audio_heads import (
+    Data2VecAudioForAudioFrameClassification,
+    Data2VecAudioForCTC,
+    Data2VecAudioForSequenceClassification,
+    Data2VecAudioForXVector,
+)
+from .config import Data2VecAudioConfig, Data2VecTextConfig
+from .registry import from_transformers, init_params, model_class, to_transformers_state_dict
 
 __version__ = "0.1.0"

@@ -9,7 +9,7 @@ positions (transformers); a returned ``mask`` is True where the model must predi
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -160,7 +160,7 @@ def compute_text_mask(input_ids: np.ndarray, rng: Rng, *, mask_token_id: int,
     if num_random:
         if vocab_size is None:
             raise ValueError("vocab_size is required when random_token_prob > 0")
-        excluded = set(int(s) for s in special_ids) | {int(mask_token_id)}
+        excluded = {int(s) for s in special_ids} | {int(mask_token_id)}
         candidates = np.asarray([t for t in range(vocab_size) if t not in excluded], dtype=ids.dtype)
         masked_ids[random_mask] = candidates[rng.integers(0, len(candidates), num_random)
                                              if isinstance(rng, np.random.Generator)

@@ -6,7 +6,7 @@ character vectors in an R lazy-load database (`data/Rdata.rdb` + `Rdata.rdx`). A
 unserializer below reads them without needing R. Lines are joined into paragraphs, chapter
 headings dropped, Gutenberg-style `_italics_` markers removed. Each novel is split by
 paragraph position: the first part feeds `corpus.txt` (unlabelled, for MLM pre-training);
-sentences from the later parts feed the labelled novel-classification files.
+passages of 1-3 sentences from the later parts feed the labelled novel-classification files.
 
 Usage:
   cd /tmp && apt-get download r-cran-janeaustenr && dpkg -x r-cran-janeaustenr_*.deb ja
@@ -40,7 +40,8 @@ class _RReader:
         version = self.int()
         self.int(), self.int()  # writer and minimal reader versions
         if version == 3:
-            self.pos += self.int()  # native encoding name
+            n = self.int()  # native encoding name follows
+            self.pos += n
         self.refs: list = []
 
     def int(self) -> int:
@@ -102,23 +103,40 @@ def read_lazyload_db(data_dir: str) -> dict[str, list[str]]:
 def paragraphs(lines: list[str]) -> list[str]:
     """Joins wrapped lines into paragraphs; drops headings, title-page lines and italics marks."""
     paras, current = [], []
+    if "A NOTE ON THE TEXT" in lines:  # a modern editor's note closes Northanger Abbey: not Austen's
+        lines = lines[:lines.index("A NOTE ON THE TEXT")]
     for line in lines + [""]:
         line = (line or "").strip()
         if line:
             current.append(line)
             continue
         if current:
-            text = re.sub(r"\s+", " ", " ".join(current)).replace("_", "")
-            if len(text) >= 40 and not re.match(r"^(chapter|volume)\b", text, re.I):
+            text = re.sub(r"\s+", " ", " ".join(current)).replace("_", "").replace("*", "")
+            heading = text == text.upper() or re.match(r"^(chapter|volume)\b", text, re.IGNORECASE)
+            if len(text) >= 40 and not heading:
                 paras.append(text)
             current = []
     return paras
 
 
 def sentences(paragraph: str) -> list[str]:
-    """Splits a paragraph into sentences at ., ! or ? followed by a capital letter or a quote."""
-    parts = re.split(r'(?<=[.!?])["\']?\s+(?=["\']?[A-Z])', paragraph)
-    return [p.strip() for p in parts if 30 <= len(p.strip()) <= 300]
+    """Splits a paragraph at ., ! or ? (maybe closing a quote) before a capital, not after Mr. etc."""
+    end = r'(?:(?<=[.!?])|(?<=[.!?]["\']))'
+    not_title = r"(?<!Mr\.)(?<!Mrs\.)(?<!Dr\.)(?<!St\.)(?<!Col\.)"
+    return [p.strip() for p in re.split(end + not_title + r'\s+(?=["\']?[A-Z])', paragraph) if p.strip()]
+
+
+def passages(paragraph: str, min_chars: int = 150, max_chars: int = 400) -> list[str]:
+    """Cuts a paragraph into non-overlapping runs of whole sentences of min..max characters."""
+    out, run = [], []
+    for sent in sentences(paragraph):
+        run.append(sent)
+        text = " ".join(run)
+        if len(text) >= min_chars:
+            if len(text) <= max_chars:
+                out.append(text)
+            run = []
+    return out
 
 
 def main() -> None:
@@ -142,10 +160,10 @@ def main() -> None:
             cut += 1
         corpus.extend(paras[:cut])
         rest = paras[cut:]
-        half = len(rest) // 2  # train sentences from the middle, eval from the end of the book
+        half = len(rest) // 2  # train passages from the middle, eval from the end of the book
         for pool, n, dest in ((rest[:half], args.train_per_novel, train),
                               (rest[half:], args.eval_per_novel, evals)):
-            cands = [s for para in pool for s in sentences(para)]
+            cands = [s for para in pool for s in passages(para)]
             pick = sorted(rng.choice(len(cands), size=n, replace=False))
             dest.extend({"text": cands[i], "label": label} for i in pick)
     for rows in (train, evals):

@@ -1,0 +1,85 @@
+"""Loss functions with the reductions and conventions of the PyTorch reference (float32 throughout).
+
+Cross-entropy ignores label -100 and averages over the remaining targets, like `torch.nn.CrossEntropyLoss`
+(so a batch with every target ignored gives NaN, as in torch). `problem_type` inference follows
+transformers' sequence-classification heads.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+IGNORE_INDEX = -100
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+
+
+def cross_entropy(logits: Array, labels: Array, ignore_index: int = IGNORE_INDEX) -> Array:
+    """Mean softmax cross-entropy over targets != `ignore_index`; logits (..., classes), labels (...)."""
+    logits = logits.astype(jnp.float32).reshape(-1, logits.shape[-1])
+    labels = labels.reshape(-1)
+    valid = labels != ignore_index
+    safe = jnp.where(valid, labels, 0).astype(jnp.int32)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(log_probs, safe[:, None], axis=-1)[:, 0]
+    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.sum(valid)
+
+
+def mse_loss(predictions: Array, targets: Array) -> Array:
+    """Mean squared error (`torch.nn.MSELoss`)."""
+    diff = predictions.astype(jnp.float32) - targets.astype(jnp.float32)
+    return jnp.mean(diff * diff)
+
+
+def bce_with_logits(logits: Array, targets: Array) -> Array:
+    """Mean binary cross-entropy on logits, in the numerically stable form torch uses."""
+    x = logits.astype(jnp.float32)
+    y = targets.astype(jnp.float32)
+    return jnp.mean(jnp.maximum(x, 0.0) - x * y + jnp.log1p(jnp.exp(-jnp.abs(x))))
+
+
+def infer_problem_type(num_labels: int, labels_dtype) -> str:
+    """transformers' rule: one label -> regression; integer labels -> single-label; else multi-label."""
+    if num_labels == 1:
+        return "regression"
+    if jnp.issubdtype(labels_dtype, jnp.integer):
+        return "single_label_classification"
+    return "multi_label_classification"
+
+
+def sequence_classification_loss(logits: Array, labels: Array, problem_type: str | None) -> Array:
+    """Loss of a (batch, num_labels) classification/regression head, `problem_type` inferred if None."""
+    num_labels = logits.shape[-1]
+    problem_type = problem_type or infer_problem_type(num_labels, labels.dtype)
+    if problem_type == "regression":
+        if num_labels == 1:  # the reference squeezes both sides
+            return mse_loss(jnp.squeeze(logits), jnp.squeeze(labels))
+        return mse_loss(logits, labels)
+    if problem_type == "single_label_classification":
+        return cross_entropy(logits, labels.reshape(-1))
+    if problem_type == "multi_label_classification":
+        return bce_with_logits(logits, labels)
+    raise ValueError(f"problem_type must be one of {PROBLEM_TYPES}, got {problem_type!r}")
+
+
+def causal_lm_loss(logits: Array, labels: Array, ignore_index: int = IGNORE_INDEX) -> Array:
+    """Next-token loss: the logit at position t is scored against label t+1 (labels are not pre-shifted)."""
+    labels = jnp.asarray(labels)
+    pad = jnp.full(labels.shape[:-1] + (1,), ignore_index, labels.dtype)
+    shifted = jnp.concatenate([labels[..., 1:], pad], axis=-1)
+    return cross_entropy(logits, shifted, ignore_index)
+
+
+def span_loss(start_logits: Array, end_logits: Array, start_positions: Array, end_positions: Array) -> Array:
+    """Extractive-QA loss: mean of start and end cross-entropies. Positions outside [0, T) are
+    clamped to T, which is then ignored (the reference's way of skipping unanswerable spans)."""
+    length = start_logits.shape[-1]
+    start = jnp.clip(start_positions.reshape(-1), 0, length)
+    end = jnp.clip(end_positions.reshape(-1), 0, length)
+    return (cross_entropy(start_logits, start, ignore_index=length)
+            + cross_entropy(end_logits, end, ignore_index=length)) / 2
+
+
+# CTC (audio) is added here by the audio heads.

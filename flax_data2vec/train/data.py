@@ -1,0 +1,603 @@
+"""Host-side data pipeline: manifests, audio/text loading, vocabularies and fixed-shape batches.
+
+Everything here is plain numpy so it runs on the host while the accelerator trains. Batches come
+in a small set of bucketed shapes (so jit compiles a bounded number of programs), iteration is
+deterministic given (seed, epoch) and resumable from a two-number state, and each host of a
+multi-host run loads only its own slice of every global batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+
+IGNORE_INDEX = -100  # label padding, as in transformers' CTC and classification losses
+
+
+def _missing_list(names: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+# ----------------------------------------------------------------------------- manifests & audio
+
+def read_manifest(path: str, check_files: bool = True) -> list[dict]:
+    """Reads a JSONL or TSV manifest of audio files; `path`s come back absolute.
+
+    JSONL/JSON: one object per line with a `path` key (plus e.g. `text`, `label`). TSV: a header
+    row naming a `path` column, or the fairseq layout (first line a root folder, then
+    `relpath<TAB>num_frames` rows, with transcripts taken from a sibling `.wrd` file if present).
+    Relative paths resolve against the manifest's folder. All missing files are reported at once.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"manifest not found: {path}")
+    base = os.path.dirname(os.path.abspath(path))
+    with open(path, encoding="utf-8") as f:
+        lines = [ln.rstrip("\r\n") for ln in f]
+    rows: list[dict] = []
+    if path.endswith(".json") and lines and lines[0].lstrip().startswith("["):
+        rows = json.loads("\n".join(lines))  # a JSON array of objects
+    elif path.endswith((".jsonl", ".json")):
+        for n, line in enumerate(lines, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"manifest {path} line {n} is not valid JSON: {e}") from None
+                if not isinstance(rows[-1], dict):
+                    raise ValueError(f"manifest {path} line {n} is not a JSON object")
+    elif path.endswith(".tsv"):
+        lines = [ln for ln in lines if ln.strip()]
+        if lines and "path" not in lines[0].split("\t") and len(lines[0].split("\t")) == 1:
+            base = os.path.join(base, lines[0].strip())  # fairseq: root folder first
+            rows = [{"path": p[0], **({"frames": int(p[1])} if len(p) > 1 else {})}
+                    for p in (ln.split("\t") for ln in lines[1:])]
+            wrd = os.path.splitext(path)[0] + ".wrd"
+            if os.path.isfile(wrd):
+                with open(wrd, encoding="utf-8") as f:
+                    texts = [t.strip() for t in f.read().splitlines()]
+                if len(texts) != len(rows):
+                    raise ValueError(f"{wrd} has {len(texts)} lines but {path} has {len(rows)} entries")
+                for row, text in zip(rows, texts):
+                    row["text"] = text
+        elif lines:
+            header = lines[0].split("\t")
+            rows = [dict(zip(header, ln.split("\t"))) for ln in lines[1:]]
+    else:
+        raise ValueError(f"manifest {path}: unknown format (expected .jsonl, .json or .tsv)")
+    if not rows:
+        raise ValueError(f"manifest {path} has no entries")
+    for n, row in enumerate(rows, 1):
+        if not row.get("path"):
+            raise ValueError(f"manifest {path} entry {n} has no 'path' field: {row}")
+        row["path"] = os.path.normpath(os.path.join(base, row["path"]))
+    if check_files:
+        missing = [r["path"] for r in rows if not os.path.isfile(r["path"])]
+        if missing:
+            raise FileNotFoundError(f"manifest {path}: {len(missing)} of {len(rows)} audio files are "
+                                    f"missing: {_missing_list(missing)}")
+    return rows
+
+
+def _resampled_length(frames: int, sr: int, target_sr: int) -> int:
+    g = math.gcd(sr, target_sr)
+    return -(-frames * (target_sr // g) // (sr // g))  # resample_poly's output length
+
+
+def audio_length(path: str, target_sr: int = 16000) -> int:
+    """Number of samples `load_audio(path, target_sr)` returns, read from the header only."""
+    try:
+        info = sf.info(path)
+    except (RuntimeError, OSError) as e:  # soundfile's LibsndfileError is a RuntimeError
+        raise ValueError(f"cannot read audio file {path}: {e}") from None
+    return _resampled_length(info.frames, info.samplerate, target_sr)
+
+
+def load_audio(path: str, target_sr: int = 16000) -> np.ndarray:
+    """Decodes an audio file to mono float32 at target_sr (channels averaged, polyphase resampling)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"audio file not found: {path}")
+    try:
+        x, sr = sf.read(path, dtype="float32", always_2d=True)
+    except (RuntimeError, OSError) as e:  # soundfile's LibsndfileError is a RuntimeError
+        raise ValueError(f"cannot read audio file {path}: {e}") from None
+    if x.shape[0] == 0:
+        raise ValueError(f"audio file {path} is empty")
+    x = x.mean(axis=1) if x.shape[1] > 1 else x[:, 0]
+    if sr != target_sr:
+        from scipy.signal import resample_poly
+        g = math.gcd(sr, target_sr)
+        x = resample_poly(x, target_sr // g, sr // g)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def normalize_audio(x: np.ndarray, length: int | None = None) -> np.ndarray:
+    """Zero mean, unit variance over x[:length], like Wav2Vec2FeatureExtractor(do_normalize=True)."""
+    x = np.asarray(x, dtype=np.float32)
+    valid = x[:length] if length is not None else x
+    return ((x - valid.mean()) / np.sqrt(valid.var() + 1e-7)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- vocabularies
+
+class CharVocab:
+    """Character vocabulary for CTC in the wav2vec2 layout: <pad>(=CTC blank)=0, <s>, </s>, <unk>, |."""
+
+    SPECIALS = ("<pad>", "<s>", "</s>", "<unk>", "|")
+    pad_id, bos_id, eos_id, unk_id, delimiter_id = 0, 1, 2, 3, 4
+
+    def __init__(self, chars: Iterable[str]):
+        chars = [c for c in dict.fromkeys(chars) if c not in self.SPECIALS and c != " "]
+        self.tokens = list(self.SPECIALS) + chars
+        self.index = {t: i for i, t in enumerate(self.tokens)}
+
+    @classmethod
+    def from_texts(cls, texts: Iterable[str]) -> CharVocab:
+        """Vocabulary of every character in texts (space becomes the `|` delimiter), sorted."""
+        return cls(sorted({c for t in texts for c in t} - {" "}))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def check_texts(self, texts: Iterable[str]) -> None:
+        """Raises ValueError naming the characters outside the vocabulary and a line using one."""
+        unknown: dict[str, str] = {}
+        for t in texts:
+            for c in set(t) - set(self.index) - {" "}:
+                unknown.setdefault(c, t)
+        if unknown:
+            chars = "".join(sorted(unknown))
+            raise ValueError(f"{len(unknown)} characters are not in the vocabulary: {chars!r}; "
+                             f"e.g. in {next(iter(unknown.values()))!r}")
+
+    def encode(self, text: str) -> list[int]:
+        """Character ids, space -> `|`; unknown characters -> <unk> (use check_texts to forbid)."""
+        return [self.index.get("|" if c == " " else c, self.unk_id) for c in text]
+
+    def decode(self, ids: Iterable[int], collapse: bool = True) -> str:
+        """Greedy CTC decoding (collapse repeats, drop blanks); collapse=False decodes label ids."""
+        out, prev = [], None
+        for i in (int(i) for i in ids):
+            if collapse and i == prev:
+                continue
+            prev = i
+            if i < 0 or i in (self.pad_id, self.bos_id, self.eos_id) or i >= len(self.tokens):
+                continue
+            out.append(" " if i == self.delimiter_id else self.tokens[i])
+        return " ".join("".join(out).split())
+
+    def save(self, directory: str) -> str:
+        """Writes vocab.json (readable by transformers.Wav2Vec2CTCTokenizer); returns its path."""
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, "vocab.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.index, f, ensure_ascii=False, indent=1)
+        return path
+
+    @classmethod
+    def load(cls, path: str) -> CharVocab:
+        """Reads vocab.json (a folder holding it, or the file); ids must follow the wav2vec2 layout."""
+        if os.path.isdir(path):
+            path = os.path.join(path, "vocab.json")
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+        tokens = sorted(index, key=index.get)
+        if tuple(tokens[:5]) != cls.SPECIALS or [index[t] for t in tokens] != list(range(len(tokens))):
+            raise ValueError(f"{path} is not a CharVocab vocabulary (expected {cls.SPECIALS} as ids 0-4)")
+        return cls(tokens[5:])
+
+
+class LabelMap:
+    """Maps class-label strings to ids 0..n-1 (sorted names unless given in order)."""
+
+    def __init__(self, names: Sequence[str]):
+        self.names = [str(n) for n in names]
+        self.index = {n: i for i, n in enumerate(self.names)}
+
+    @classmethod
+    def from_labels(cls, labels: Iterable[Any]) -> LabelMap:
+        return cls(sorted({str(label) for label in labels}))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.names))
+
+    def check(self, num_labels: int) -> None:
+        """Raises ValueError when the map has more classes than a model's num_labels."""
+        if len(self.names) > num_labels:
+            raise ValueError(f"{len(self.names)} labels but the model has num_labels={num_labels}; "
+                             f"labels past it: {_missing_list(self.names[num_labels:])}")
+
+    def encode(self, labels: Iterable[Any]) -> list[int]:
+        """Label strings -> ids; unknown labels are all listed in one ValueError."""
+        labels = [str(label) for label in labels]
+        unknown = sorted({label for label in labels if label not in self.index})
+        if unknown:
+            raise ValueError(f"{len(unknown)} unknown labels: {_missing_list(unknown)} "
+                             f"(known: {_missing_list(self.names)})")
+        return [self.index[label] for label in labels]
+
+
+# ----------------------------------------------------------------------------- text
+
+def load_text_lines(path: str) -> list[dict]:
+    """Reads text examples as dicts with `text` (and `label` if present) from .txt, .jsonl or .csv."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"text file not found: {path}")
+    with open(path, encoding="utf-8", newline="") as f:
+        if path.endswith(".csv"):
+            reader = csv.DictReader(f)
+            if "text" not in (reader.fieldnames or []):
+                raise ValueError(f"{path}: CSV needs a 'text' column, has {reader.fieldnames}")
+            rows = [{k: v for k, v in r.items() if k in ("text", "label")} for r in reader]
+        elif path.endswith((".jsonl", ".json")):
+            rows = []
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    row = json.loads(line)
+                    if not isinstance(row, dict) or "text" not in row:
+                        raise ValueError(f"{path} line {n} has no 'text' key")
+                    rows.append({k: v for k, v in row.items() if k in ("text", "label")})
+        else:
+            rows = [{"text": ln.strip()} for ln in f if ln.strip()]
+    if not rows:
+        raise ValueError(f"text file {path} has no examples")
+    return rows
+
+
+def build_small_bpe_tokenizer(corpus_path: str, vocab_size: int = 1000, min_frequency: int = 2):
+    """Trains a byte-level BPE on a text file and wraps it as a RoBERTa tokenizer.
+
+    Special ids follow RoBERTa/Data2VecText: <s>=0, <pad>=1, </s>=2, <unk>=3, <mask>=4. Used for
+    from-scratch text runs and tests, where no pretrained tokenizer can be downloaded.
+    """
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaTokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    with open(corpus_path, encoding="utf-8") as f:
+        lines = [ln.strip() for ln in f if ln.strip()]
+    bpe.train_from_iterator(lines, vocab_size=vocab_size, min_frequency=min_frequency,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], show_progress=False)
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return RobertaTokenizer(vocab=model["vocab"], merges=merges)
+
+
+# ----------------------------------------------------------------------------- buckets & datasets
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-int(n) // multiple) * multiple
+
+
+def bucket_lengths(max_len: int, n_buckets: int, multiple: int = 1) -> list[int]:
+    """Up to `n_buckets` evenly spaced lengths, rounded up to multiples of `multiple`, ending at max_len."""
+    if max_len < 1 or n_buckets < 1 or multiple < 1:
+        raise ValueError(f"bucket_lengths needs positive arguments, got {max_len}, {n_buckets}, {multiple}")
+    return sorted({_round_up(max_len * k / n_buckets, multiple) for k in range(1, n_buckets + 1)})
+
+
+def pad_to_bucket(length: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket that holds `length`."""
+    for b in buckets:
+        if length <= b:
+            return b
+    raise ValueError(f"length {length} exceeds the largest bucket {buckets[-1]}")
+
+
+class AudioDataset:
+    """Audio examples from a manifest; targets are CTC char ids (vocab) or a class id (label_map).
+
+    Lengths come from file headers (or a manifest's `frames`, which must count samples at
+    target_sr) so batches can be planned without decoding. Utterances longer than `max_samples`
+    are cropped (`crop`, for pre-training) or dropped (count in `dropped`).
+    """
+
+    pad_value = 0.0
+
+    def __init__(self, rows: Sequence[dict], *, target_sr: int = 16000, normalize: bool = True,
+                 vocab: CharVocab | None = None, label_map: LabelMap | None = None,
+                 max_samples: int | None = None, crop: bool = False):
+        self.target_sr, self.normalize, self.crop, self.max_samples = target_sr, normalize, crop, max_samples
+        lengths = np.array([audio_length(r["path"], target_sr) if "frames" not in r else int(r["frames"])
+                            for r in rows], dtype=np.int64)
+        if max_samples is not None and not crop:
+            keep = lengths <= max_samples
+            rows, lengths = [r for r, k in zip(rows, keep) if k], lengths[keep]
+            self.dropped = int((~keep).sum())
+            if not rows:
+                raise ValueError(f"every utterance is longer than max_samples={max_samples}")
+        elif max_samples is not None:
+            lengths = np.minimum(lengths, max_samples)
+        self.rows, self.lengths = list(rows), lengths
+        self.targets: list | None = None
+        if vocab is not None:
+            texts = [r.get("text") for r in self.rows]
+            if any(t is None for t in texts):
+                raise ValueError("CTC training needs a 'text' field in every manifest entry")
+            vocab.check_texts(texts)
+            self.targets = [np.array(vocab.encode(t), np.int32) for t in texts]
+        elif label_map is not None:
+            self.targets = label_map.encode(r.get("label") for r in self.rows)
+        self.label_lengths = (np.array([len(t) for t in self.targets]) if vocab is not None else None)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def load(self, i: int, rng: np.random.Generator | None = None) -> dict:
+        x = load_audio(self.rows[i]["path"], self.target_sr)
+        if self.max_samples is not None and len(x) > self.max_samples:
+            start = int(rng.integers(len(x) - self.max_samples + 1)) if rng is not None else 0
+            x = x[start:start + self.max_samples]
+        x = x[:self.lengths[i]]  # header-based length is authoritative for batch planning
+        out = {"input_values": normalize_audio(x) if self.normalize else x}
+        if self.targets is not None:
+            out["labels"] = self.targets[i]
+        return out
+
+
+class TextDataset:
+    """Tokenized text examples wrapped in <s> ... </s>, with optional class ids.
+
+    Lines longer than max_length tokens are truncated, or with `split_long` (pre-training, no
+    labels) cut into several examples so that no text is lost.
+    """
+
+    def __init__(self, rows: Sequence[dict], tokenizer, *, max_length: int = 512,
+                 label_map: LabelMap | None = None, split_long: bool = False):
+        texts = [r["text"] for r in rows]
+        if split_long:
+            if label_map is not None:
+                raise ValueError("split_long is for unlabelled text: it would duplicate labels")
+            bos, eos, step = tokenizer.cls_token_id, tokenizer.sep_token_id, max_length - 2
+            plain = tokenizer(texts, add_special_tokens=False)["input_ids"]
+            enc = [[bos, *ids[i:i + step], eos] for ids in plain
+                   for i in range(0, max(len(ids), 1), step)]
+        else:
+            enc = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        self.ids = [np.array(e, np.int32) for e in enc]
+        self.lengths = np.array([len(e) for e in self.ids], dtype=np.int64)
+        self.pad_value = tokenizer.pad_token_id
+        self.targets = label_map.encode(r.get("label") for r in rows) if label_map is not None else None
+        self.label_lengths = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load(self, i: int, rng: np.random.Generator | None = None) -> dict:
+        out = {"input_ids": self.ids[i]}
+        if self.targets is not None:
+            out["labels"] = self.targets[i]
+        return out
+
+
+# ----------------------------------------------------------------------------- batching
+
+def _collate(examples: list[dict | None], seq_len: int, label_len: int | None, pad_value: float,
+             fallback: dict) -> dict[str, np.ndarray]:
+    """Pads examples to (B, seq_len); None rows repeat `fallback` with example_mask 0.
+
+    Padding rows copy a real example rather than being all-masked so that every model output
+    (pooling, CTC, attention) stays finite; weight losses and metrics by `example_mask`.
+    """
+    key = "input_values" if "input_values" in fallback else "input_ids"
+    dtype = np.float32 if key == "input_values" else np.int32
+    b = len(examples)
+    inputs = np.full((b, seq_len), pad_value, dtype)
+    mask = np.zeros((b, seq_len), np.int32)
+    example_mask = np.zeros((b,), np.float32)
+    has_labels = "labels" in fallback
+    labels = (np.full((b, label_len), IGNORE_INDEX, np.int32) if label_len is not None
+              else np.zeros((b,), np.int32)) if has_labels else None
+    for r, ex in enumerate(examples):
+        if ex is not None:
+            example_mask[r] = 1.0
+        ex = ex if ex is not None else fallback
+        n = len(ex[key])
+        inputs[r, :n], mask[r, :n] = ex[key], 1
+        if has_labels:
+            if label_len is None:
+                labels[r] = ex["labels"]
+            else:
+                labels[r, :len(ex["labels"])] = ex["labels"]
+    out = {key: inputs, "attention_mask": mask, "example_mask": example_mask}
+    if has_labels:
+        out["labels"] = labels
+    return out
+
+
+class BatchIterator:
+    """Deterministic, resumable iterator of fixed-shape, bucketed batches over a dataset.
+
+    Each epoch's order is a permutation drawn from (seed, epoch); with `group_by_length`, windows
+    of `window` batches are sorted by length before being cut into batches (less padding), and
+    batch order is shuffled again. A batch's sequence length is the bucket of its longest member
+    over the *global* batch, so all hosts see the same shapes; host `shard_index` of `num_shards`
+    loads rows [shard_index*b, (shard_index+1)*b) with b = batch_size // num_shards. CTC label
+    width is fixed per bucket, so there are at most len(buckets) distinct shapes. A last partial
+    batch is dropped (drop_remainder) or filled with example_mask=0 rows. `state()` /
+    `set_state()` give and take {"epoch": e, "index": i}, the next batch to produce.
+    """
+
+    def __init__(self, dataset, batch_size: int, *, buckets: Sequence[int] | None = None,
+                 n_buckets: int = 4, multiple: int = 8, label_multiple: int = 8, seed: int = 0,
+                 shuffle: bool = True, num_epochs: int | None = None, drop_remainder: bool = True,
+                 group_by_length: bool = True, window: int = 16, shard_index: int = 0,
+                 num_shards: int = 1, num_workers: int = 0):
+        if batch_size % num_shards:
+            raise ValueError(f"batch_size {batch_size} is not divisible by num_shards {num_shards}")
+        if not 0 <= shard_index < num_shards:
+            raise ValueError(f"shard_index {shard_index} is outside [0, {num_shards})")
+        self.dataset, self.batch_size, self.seed, self.shuffle = dataset, batch_size, seed, shuffle
+        self.num_epochs, self.drop_remainder = num_epochs, drop_remainder
+        self.group_by_length, self.window = group_by_length, window
+        self.shard_index, self.num_shards = shard_index, num_shards
+        lengths = np.asarray(dataset.lengths)
+        self.buckets = list(buckets) if buckets else bucket_lengths(int(lengths.max()), n_buckets, multiple)
+        bucket_of = np.searchsorted(self.buckets, lengths)  # index of the smallest bucket >= length
+        if bucket_of.max() >= len(self.buckets):
+            raise ValueError(f"an example of length {lengths.max()} exceeds the largest bucket "
+                             f"{self.buckets[-1]}")
+        self._bucket_of = bucket_of
+        self.label_widths = None
+        if getattr(dataset, "label_lengths", None) is not None:  # CTC: widest label up to each bucket
+            widest = [int(dataset.label_lengths[bucket_of <= k].max(initial=1))
+                      for k in range(len(self.buckets))]
+            self.label_widths = [_round_up(w, label_multiple) for w in np.maximum.accumulate(widest)]
+        self.epoch, self.index = 0, 0
+        self._plan_epoch: int | None = None
+        self._plan: list[np.ndarray] = []
+        self._pool = ThreadPoolExecutor(num_workers) if num_workers > 0 else None
+
+    def _make_plan(self, epoch: int) -> list[np.ndarray]:
+        """Global batches of example indices for one epoch (-1 marks a padding row)."""
+        n, bs = len(self.dataset), self.batch_size
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        if self.group_by_length:
+            span = bs * self.window
+            lengths = np.asarray(self.dataset.lengths)
+            order = np.concatenate([c[np.argsort(-lengths[c], kind="stable")]
+                                    for c in np.array_split(order, max(1, -(-n // span)))])
+        batches = [order[i:i + bs] for i in range(0, n, bs)]
+        if batches and len(batches[-1]) < bs:
+            if self.drop_remainder:
+                batches.pop()
+            else:
+                batches[-1] = np.concatenate([batches[-1], np.full(bs - len(batches[-1]), -1)])
+        if self.shuffle and self.group_by_length:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        if not batches:
+            raise ValueError(f"dataset of {n} examples gives no batch of size {bs} (drop_remainder)")
+        return batches
+
+    def batches_per_epoch(self) -> int:
+        return len(self._get_plan(self.epoch))
+
+    def _get_plan(self, epoch: int) -> list[np.ndarray]:
+        if self._plan_epoch != epoch:
+            self._plan, self._plan_epoch = self._make_plan(epoch), epoch
+        return self._plan
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def set_state(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+    def __iter__(self) -> BatchIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        plan = self._get_plan(self.epoch)
+        if self.index >= len(plan):
+            self.epoch, self.index = self.epoch + 1, 0
+            plan = self._get_plan(self.epoch)
+        if self.num_epochs is not None and self.epoch >= self.num_epochs:
+            raise StopIteration
+        batch, epoch = plan[self.index], self.epoch
+        self.index += 1
+        real = batch[batch >= 0]
+        k = int(self._bucket_of[real].max())
+        per_host = self.batch_size // self.num_shards
+        rows = batch[self.shard_index * per_host:(self.shard_index + 1) * per_host]
+
+        def load(i: int):
+            if i < 0:
+                return None
+            return self.dataset.load(i, np.random.default_rng([self.seed, epoch, i]))
+
+        idx = [int(i) for i in rows]
+        examples = list(self._pool.map(load, idx)) if self._pool else [load(i) for i in idx]
+        fallback = next((e for e in examples if e is not None), None)
+        if fallback is None:  # this host's slice is all padding: repeat any real example
+            fallback = load(int(real[0]))
+        label_len = self.label_widths[k] if self.label_widths is not None else None
+        return _collate(examples, self.buckets[k], label_len, self.dataset.pad_value, fallback)
+
+    def close(self) -> None:
+        if self._pool:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+# ----------------------------------------------------------------------------- background loading
+
+class prefetch:  # lower-case: used like a function, `for batch in prefetch(it, 4)`
+    """Runs `iterator` in a background thread, `size` items ahead.
+
+    Exceptions raised by the iterator are re-raised in the consumer; `close()` (or leaving a
+    `with` block) stops the thread. `state()` returns the wrapped iterator's state as of the
+    last item *consumed* (not produced), so checkpoints resume at the right batch.
+    """
+
+    _END = object()
+
+    def __init__(self, iterator: Iterator, size: int = 2):
+        self._it, self._queue = iterator, queue.Queue(maxsize=max(1, size))
+        self._stop = threading.Event()
+        self._state = iterator.state() if hasattr(iterator, "state") else None
+        self._done = False
+        self._thread = threading.Thread(target=self._work, daemon=True, name="prefetch")
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _work(self) -> None:
+        try:
+            for item in self._it:
+                state = self._it.state() if hasattr(self._it, "state") else None
+                if not self._put((item, state, None)):
+                    return
+            self._put((self._END, None, None))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer thread
+            self._put((self._END, None, e))
+
+    def __iter__(self) -> prefetch:
+        return self
+
+    def __next__(self):
+        if self._done:
+            raise StopIteration
+        item, state, error = self._queue.get()
+        if item is self._END:
+            self._done = True
+            self._thread.join()
+            if error is not None:
+                raise error
+            raise StopIteration
+        self._state = state
+        return item
+
+    def state(self) -> dict | None:
+        return self._state
+
+    def close(self) -> None:
+        self._stop.set()
+        self._done = True
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> prefetch:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

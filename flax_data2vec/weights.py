@@ -1,0 +1,187 @@
+"""PyTorch state dict <-> Flax params, driven by per-modality name tables.
+
+A table is a list of `(flax_regex, torch_template)` pairs over module paths (leaf name excluded),
+tried in order; the leaf is renamed and reshaped by its kind (Linear/Conv kernel, LayerNorm scale,
+embedding) unless a *special* rule names the full flax path. Both directions use the same table,
+so a name is written once. Models keep their tables beside their code (`audio_heads.py`, `text_heads.py`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from .layers import stack_layer_params, unstack_layer_params
+
+
+class Special(NamedTuple):
+    """A leaf with its own transform: `to_torch(flax_array) -> torch array`, `from_torch` the inverse."""
+
+    torch_name: str
+    to_torch: Callable[[np.ndarray], np.ndarray]
+    from_torch: Callable[[np.ndarray, tuple], np.ndarray]
+
+
+class WeightTable(NamedTuple):
+    """How one model class's flax params are named in transformers' state dict."""
+
+    rules: Sequence[tuple[str, str]]
+    specials: Mapping[str, Special] = {}  # full flax path regex -> Special
+    # torch keys that are copies of other parameters (tied weights): torch name -> flax path of the source
+    tied: Mapping[str, str] = {}
+    # torch keys that exist only as buffers/ignored tensors in the reference (e.g. position_ids)
+    ignored_torch: Sequence[str] = ()
+
+
+def prefixed(rules: Sequence[tuple[str, str]], flax_prefix: str, torch_prefix: str) -> tuple:
+    """The rules of a base model nested under `flax_prefix` (flax) / `torch_prefix.` (torch)."""
+    out = []
+    for pattern, template in rules:
+        flax_pat = f"{flax_prefix}/{pattern}" if pattern else flax_prefix
+        torch_tmpl = f"{torch_prefix}.{template}" if template else torch_prefix
+        out.append((flax_pat, torch_tmpl))
+    return tuple(out)
+
+
+def _leaf_to_torch(leaf: str, value: np.ndarray) -> tuple[str, np.ndarray]:
+    if leaf == "kernel":
+        if value.ndim == 2:  # Dense (in, out) -> Linear (out, in)
+            return "weight", value.T
+        return "weight", np.transpose(value, (2, 1, 0))  # Conv (k, in/g, out) -> Conv1d (out, in/g, k)
+    if leaf in ("scale", "embedding"):
+        return "weight", value
+    return leaf, value
+
+
+def _leaf_from_torch(leaf: str, value: np.ndarray) -> np.ndarray:
+    if leaf == "kernel":
+        return value.T if value.ndim == 2 else np.transpose(value, (2, 1, 0))
+    return value
+
+
+def torch_name(path: str, table: WeightTable) -> str | None:
+    """The state-dict key of the flax leaf at `path` ('a/b/kernel'), or None if the table has no rule."""
+    for pattern, special in table.specials.items():
+        m = re.fullmatch(pattern, path)
+        if m:
+            return m.expand(special.torch_name)
+    module, _, leaf = path.rpartition("/")
+    for pattern, template in table.rules:
+        m = re.fullmatch(pattern, module)
+        if m:
+            name = m.expand(template)
+            torch_leaf = "weight" if leaf in ("kernel", "scale", "embedding") else leaf
+            return f"{name}.{torch_leaf}" if name else torch_leaf
+    return None
+
+
+def _special(path: str, table: WeightTable) -> Special | None:
+    for pattern, special in table.specials.items():
+        if re.fullmatch(pattern, path):
+            return special
+    return None
+
+
+def to_state_dict(params: Mapping, table: WeightTable) -> dict[str, np.ndarray]:
+    """Flax params (unrolled layers) -> {torch name: numpy array}, tied copies included."""
+    flat = traverse_util.flatten_dict(params, sep="/")
+    out: dict[str, np.ndarray] = {}
+    for path, value in flat.items():
+        value = np.asarray(jax.device_get(value))
+        name = torch_name(path, table)
+        if name is None:
+            raise KeyError(f"no PyTorch name for flax parameter {path!r}")
+        special = _special(path, table)
+        if special is not None:
+            out[name] = np.ascontiguousarray(special.to_torch(value))
+        else:
+            _, converted = _leaf_to_torch(path.rpartition("/")[2], value)
+            out[name] = np.ascontiguousarray(converted)
+    for torch_key, source in table.tied.items():
+        if source in flat:
+            out[torch_key] = out[torch_name(source, table)]
+    return out
+
+
+class ConversionReport(NamedTuple):
+    missing: list[str]  # flax params with no tensor in the state dict (left at their init)
+    unexpected: list[str]  # state-dict keys nothing consumed
+
+
+def from_state_dict(state_dict: Mapping[str, np.ndarray], init_params: Mapping, table: WeightTable,
+                    allow_missing: Iterable[str] = ()) -> tuple[dict, ConversionReport]:
+    """{torch name: array} -> flax params shaped like `init_params` (unrolled layers).
+
+    Parameters whose key is absent keep their value from `init_params` and are listed as missing;
+    a shape mismatch raises ValueError naming the parameter and both shapes.
+    """
+    flat = traverse_util.flatten_dict(init_params, sep="/")
+    consumed, missing, out = set(), [], {}
+    for path, init in flat.items():
+        name = torch_name(path, table)
+        if name is None or name not in state_dict:
+            missing.append(name or path)
+            out[path] = init
+            continue
+        value = np.asarray(state_dict[name])
+        special = _special(path, table)
+        if special is not None:
+            value = special.from_torch(value, tuple(init.shape))
+        else:
+            value = _leaf_from_torch(path.rpartition("/")[2], value)
+        if tuple(value.shape) != tuple(init.shape):
+            raise ValueError(f"shape mismatch for {name}: checkpoint has {tuple(np.shape(state_dict[name]))}, "
+                             f"the config expects {tuple(_expected_torch_shape(path, init, table))} "
+                             f"(flax {path} {tuple(init.shape)})")
+        out[path] = value.astype(init.dtype)
+        consumed.add(name)
+    ignored = set(table.tied) | set(table.ignored_torch)
+    unexpected = sorted(k for k in state_dict if k not in consumed and k not in ignored)
+    allowed = set(allow_missing)
+    missing = [m for m in missing if m not in allowed]
+    return traverse_util.unflatten_dict(out, sep="/"), ConversionReport(missing, unexpected)
+
+
+def _expected_torch_shape(path: str, init, table: WeightTable) -> tuple:
+    special = _special(path, table)
+    if special is not None:
+        return special.to_torch(np.zeros(init.shape, np.float32)).shape
+    return _leaf_to_torch(path.rpartition("/")[2], np.zeros(init.shape, np.float32))[1].shape
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# scanned <-> unrolled layer trees
+def _map_layer_containers(params: Mapping, fn: Callable[[dict], dict], is_container: Callable[[dict], bool]) -> dict:
+    """Apply `fn` to every subtree holding a layer stack (found by `is_container`)."""
+    if not isinstance(params, Mapping):
+        return params
+    if is_container(params):
+        params = fn(dict(params))
+    return {k: _map_layer_containers(v, fn, is_container) for k, v in params.items()}
+
+
+def unscan_params(params: Mapping) -> dict:
+    """Params of a `scan_layers=True` model -> the unrolled `layers_{i}` layout the tables use."""
+    def is_scanned(d):
+        return "layers" in d and isinstance(d["layers"], Mapping) and set(d["layers"]) == {"layer"}
+
+    def fn(d):
+        n = jax.tree_util.tree_leaves(d["layers"]["layer"])[0].shape[0]
+        return unstack_layer_params(d, n)
+    return _map_layer_containers(params, fn, is_scanned)
+
+
+def scan_params(params: Mapping) -> dict:
+    """Unrolled `layers_{i}` Transformer layers -> the stacked layout of `scan_layers=True`."""
+    def is_stack(d):
+        # Transformer stacks are the subtrees whose layers have an `attention` block
+        return "layers_0" in d and isinstance(d["layers_0"], Mapping) and "attention" in d["layers_0"]
+
+    def fn(d):
+        n = sum(1 for k in d if re.fullmatch(r"layers_\d+", k))
+        return stack_layer_params(d, n)
+    return _map_layer_containers(params, fn, is_stack)

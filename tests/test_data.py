@@ -1,0 +1,327 @@
+"""Tests for the shipped datasets and the host-side data pipeline (flax_data2vec.train.data)."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from flax_data2vec.train import data as D
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPEECH = os.path.join(ROOT, "data", "speech_digits")
+TEXT = os.path.join(ROOT, "data", "text")
+
+
+@pytest.fixture(scope="module")
+def train_rows():
+    return D.read_manifest(os.path.join(SPEECH, "train.jsonl"))
+
+
+@pytest.fixture(scope="module")
+def vocab(train_rows):
+    return D.CharVocab.from_texts(r["text"] for r in train_rows)
+
+
+@pytest.fixture(scope="module")
+def ctc_data(train_rows, vocab):
+    return D.AudioDataset(train_rows[:96], vocab=vocab)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return D.build_small_bpe_tokenizer(os.path.join(TEXT, "corpus.txt"), vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def text_data(tokenizer):
+    rows = D.load_text_lines(os.path.join(TEXT, "classify_eval.jsonl"))
+    labels = D.LabelMap.from_labels(r["label"] for r in rows)
+    return D.TextDataset(rows, tokenizer, max_length=64, label_map=labels)
+
+
+def _write_wav(path, x, sr=16000):
+    sf.write(path, x, sr)
+    return path
+
+
+# ----------------------------------------------------------------------------- shipped datasets
+
+def test_shipped_speech_dataset(train_rows):
+    ev = D.read_manifest(os.path.join(SPEECH, "eval.jsonl"))
+    assert (len(train_rows), len(ev)) == (600, 100)
+    size = sum(os.path.getsize(r["path"]) for r in train_rows + ev)
+    assert size <= 6 * 2**20
+    for r in train_rows[::50] + ev[::25]:
+        info = sf.info(r["path"])
+        assert info.samplerate == 16000 and info.channels == 1 and 0.5 <= info.duration <= 3.0
+    for r in train_rows + ev:
+        assert set(r["text"]) <= set("abcdefghijklmnopqrstuvwxyz '") and r["label"] == r["text"].split()[0]
+    assert len({r["label"] for r in train_rows}) == 30
+
+
+def test_shipped_text_corpus():
+    lines = D.load_text_lines(os.path.join(TEXT, "corpus.txt"))
+    assert len(lines) > 100 and os.path.getsize(os.path.join(TEXT, "corpus.txt")) < 400_000
+    train = D.load_text_lines(os.path.join(TEXT, "classify_train.jsonl"))
+    assert len({r["label"] for r in train}) == 6 and all(r["text"] for r in train)
+
+
+# ----------------------------------------------------------------------------- manifests
+
+def test_read_manifest_tsv_and_fairseq(tmp_path):
+    _write_wav(tmp_path / "a.wav", np.zeros(800, np.float32))
+    (tmp_path / "m.tsv").write_text("path\ttext\na.wav\thi there\n")
+    rows = D.read_manifest(str(tmp_path / "m.tsv"))
+    assert rows == [{"path": str(tmp_path / "a.wav"), "text": "hi there"}]
+    (tmp_path / "m.json").write_text('[{"path": "a.wav", "label": "x"}]')
+    assert D.read_manifest(str(tmp_path / "m.json"))[0]["label"] == "x"
+    sub = tmp_path / "fs"
+    sub.mkdir()
+    (sub / "train.tsv").write_text(f"{tmp_path}\na.wav\t800\n")
+    (sub / "train.wrd").write_text("hello world\n")
+    rows = D.read_manifest(str(sub / "train.tsv"))
+    assert rows == [{"path": str(tmp_path / "a.wav"), "frames": 800, "text": "hello world"}]
+
+
+def test_read_manifest_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="manifest not found"):
+        D.read_manifest(str(tmp_path / "nope.jsonl"))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="has no entries"):
+        D.read_manifest(str(tmp_path / "empty.jsonl"))
+    (tmp_path / "nopath.jsonl").write_text('{"text": "a"}\n')
+    with pytest.raises(ValueError, match="entry 1 has no 'path' field"):
+        D.read_manifest(str(tmp_path / "nopath.jsonl"))
+    (tmp_path / "bad.jsonl").write_text('{"path": "a.wav"}\n{oops\n')
+    with pytest.raises(ValueError, match="line 2 is not valid JSON"):
+        D.read_manifest(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "m.csv").write_text("path\n")
+    with pytest.raises(ValueError, match="unknown format"):
+        D.read_manifest(str(tmp_path / "m.csv"))
+    _write_wav(tmp_path / "ok.wav", np.zeros(10, np.float32))
+    rows = [{"path": "ok.wav"}] + [{"path": f"gone{i}.wav"} for i in range(7)]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(FileNotFoundError, match=r"7 of 8 audio files are missing: .*gone0.wav.*\(7 in all\)"):
+        D.read_manifest(str(tmp_path / "m.jsonl"))
+    assert len(D.read_manifest(str(tmp_path / "m.jsonl"), check_files=False)) == 8
+
+
+# ----------------------------------------------------------------------------- audio
+
+def test_load_audio_mixdown_resample_and_errors(tmp_path):
+    t = np.arange(8000) / 8000
+    tone = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    path = _write_wav(str(tmp_path / "s.wav"), np.stack([tone, 0 * tone], 1), sr=8000)
+    x = D.load_audio(path, 16000)
+    assert x.dtype == np.float32 and len(x) == 16000 == D.audio_length(path, 16000)
+    spectrum = np.abs(np.fft.rfft(x))
+    assert abs(np.argmax(spectrum) - 440) <= 1  # 1 s at 16 kHz: bin = Hz
+    assert np.abs(x[2000:-2000]).max() == pytest.approx(0.25, abs=0.01)  # mono = mean of channels
+    (tmp_path / "junk.flac").write_bytes(b"not audio at all")
+    with pytest.raises(ValueError, match="cannot read audio file .*junk.flac"):
+        D.load_audio(str(tmp_path / "junk.flac"))
+    with pytest.raises(FileNotFoundError, match="missing.wav"):
+        D.load_audio(str(tmp_path / "missing.wav"))
+
+
+def test_normalize_matches_transformers(train_rows):
+    from transformers import Wav2Vec2FeatureExtractor
+    fe = Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True)
+    waves = [D.load_audio(r["path"]) for r in train_rows[:3]]
+    ref = fe(waves, sampling_rate=16000, padding=True, return_tensors="np")
+    for k, w in enumerate(waves):
+        np.testing.assert_allclose(D.normalize_audio(w), ref["input_values"][k, :len(w)], atol=1e-6)
+        padded = np.pad(w, (0, 100))
+        np.testing.assert_allclose(D.normalize_audio(padded, len(w))[:len(w)], D.normalize_audio(w),
+                                   atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- vocabularies and labels
+
+def test_char_vocab(tmp_path, train_rows, vocab):
+    from transformers import Wav2Vec2CTCTokenizer
+    assert vocab.tokens[:5] == ["<pad>", "<s>", "</s>", "<unk>", "|"] and "'" in vocab.tokens
+    text = "don't stop three"
+    ids = vocab.encode(text)
+    assert vocab.decode(ids, collapse=False) == text
+    assert vocab.decode([ids[0], ids[0], 0, ids[0], vocab.delimiter_id, vocab.delimiter_id, ids[1]]) == "dd o"
+    tok = Wav2Vec2CTCTokenizer(vocab.save(str(tmp_path)))
+    for r in train_rows[:20]:
+        assert tok(r["text"]).input_ids == vocab.encode(r["text"])
+    assert D.CharVocab.load(str(tmp_path)).tokens == vocab.tokens
+    with pytest.raises(ValueError, match=r"2 characters are not in the vocabulary: 'QZ'; e.g. in 'a Q'"):
+        vocab.check_texts(["ok", "a Q", "Z"])
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "vocab.json").write_text('{"a": 0, "b": 1}')
+    with pytest.raises(ValueError, match="not a CharVocab vocabulary"):
+        D.CharVocab.load(str(tmp_path / "bad"))
+
+
+def test_label_map():
+    lm = D.LabelMap.from_labels(["b", "a", "c", "a"])
+    assert lm.names == ["a", "b", "c"] and lm.encode(["c", "a"]) == [2, 0] and lm.id2label[1] == "b"
+    with pytest.raises(ValueError, match="2 unknown labels: x, y"):
+        lm.encode(["a", "x", "y"])
+    with pytest.raises(ValueError, match="3 labels but the model has num_labels=2; labels past it: c"):
+        lm.check(2)
+    lm.check(3)
+
+
+# ----------------------------------------------------------------------------- text
+
+def test_load_text_lines(tmp_path):
+    (tmp_path / "a.txt").write_text("one line\n\n two \n")
+    assert D.load_text_lines(str(tmp_path / "a.txt")) == [{"text": "one line"}, {"text": "two"}]
+    (tmp_path / "a.csv").write_text('text,label,extra\n"hi, there",pos,1\n')
+    assert D.load_text_lines(str(tmp_path / "a.csv")) == [{"text": "hi, there", "label": "pos"}]
+    (tmp_path / "a.jsonl").write_text('{"text": "x", "label": 1, "id": 5}\n')
+    assert D.load_text_lines(str(tmp_path / "a.jsonl")) == [{"text": "x", "label": 1}]
+    (tmp_path / "b.csv").write_text("sentence,label\nx,y\n")
+    with pytest.raises(ValueError, match="needs a 'text' column"):
+        D.load_text_lines(str(tmp_path / "b.csv"))
+    (tmp_path / "b.jsonl").write_text('{"label": 1}\n')
+    with pytest.raises(ValueError, match="line 1 has no 'text' key"):
+        D.load_text_lines(str(tmp_path / "b.jsonl"))
+    (tmp_path / "e.txt").write_text("\n")
+    with pytest.raises(ValueError, match="has no examples"):
+        D.load_text_lines(str(tmp_path / "e.txt"))
+
+
+def test_small_bpe_tokenizer(tokenizer):
+    assert (tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id,
+            tokenizer.unk_token_id, tokenizer.mask_token_id) == (0, 1, 2, 3, 4)
+    enc = tokenizer(["Mr. Darcy smiled.", "Emma"], padding=True)
+    assert enc["input_ids"][0][0] == 0 and enc["input_ids"][0][-1] == 2 and enc["input_ids"][1][-1] == 1
+    assert tokenizer.decode(enc["input_ids"][0], skip_special_tokens=True) == "Mr. Darcy smiled."
+    assert len(tokenizer) == 400
+    rows = [{"text": "It is a truth universally acknowledged, that a single man in possession of a good "
+                     "fortune, must be in want of a wife."}]
+    pieces = D.TextDataset(rows, tokenizer, max_length=8, split_long=True)
+    whole = tokenizer(rows[0]["text"])["input_ids"]
+    assert len(pieces) > 1 and max(pieces.lengths) == 8 and all(p[0] == 0 and p[-1] == 2 for p in pieces.ids)
+    assert [i for p in pieces.ids for i in p[1:-1]] == whole[1:-1]
+    assert D.TextDataset(rows, tokenizer, max_length=8).lengths.tolist() == [8]
+    with pytest.raises(ValueError, match="split_long is for unlabelled text"):
+        D.TextDataset(rows, tokenizer, split_long=True, label_map=D.LabelMap(["a"]))
+
+
+# ----------------------------------------------------------------------------- buckets and batches
+
+def test_buckets():
+    assert D.bucket_lengths(1000, 4, 64) == [256, 512, 768, 1024]
+    assert D.bucket_lengths(10, 8, 8) == [8, 16]
+    assert D.pad_to_bucket(300, [256, 512]) == 512 and D.pad_to_bucket(256, [256, 512]) == 256
+    with pytest.raises(ValueError, match="length 600 exceeds the largest bucket 512"):
+        D.pad_to_bucket(600, [256, 512])
+
+
+def test_ctc_batches_bounded_shapes(ctc_data, vocab, train_rows):
+    it = D.BatchIterator(ctc_data, 8, n_buckets=3, multiple=1600, num_epochs=2, seed=3)
+    shapes, seen = set(), 0
+    for batch in it:
+        b, s = batch["input_values"].shape
+        assert batch["input_values"].dtype == np.float32 and batch["attention_mask"].dtype == np.int32
+        assert batch["labels"].dtype == np.int32 and b == 8 and s in it.buckets
+        shapes.add((s, batch["labels"].shape[1]))
+        lens = batch["attention_mask"].sum(1)
+        for row in range(b):
+            assert np.all(batch["input_values"][row, lens[row]:] == 0)
+            text = vocab.decode(batch["labels"][row], collapse=False)
+            assert text in {r["text"] for r in train_rows[:96]}
+        seen += b
+    assert seen == 2 * 96 and len(shapes) <= 3
+
+
+def test_eval_iteration_sees_every_example_once(text_data, tokenizer):
+    it = D.BatchIterator(text_data, 32, shuffle=False, num_epochs=1, drop_remainder=False, n_buckets=2)
+    seen = []
+    for batch in it:
+        assert batch["input_ids"].shape[0] == 32 and batch["labels"].shape == (32,)
+        assert np.all(batch["input_ids"][batch["attention_mask"] == 0] == tokenizer.pad_token_id)
+        for row in np.flatnonzero(batch["example_mask"]):
+            seen.append(tuple(batch["input_ids"][row, :batch["attention_mask"][row].sum()]))
+    assert sorted(seen) == sorted(tuple(x) for x in text_data.ids)  # 300 = 9 full batches + 12
+
+
+def test_resume_from_state(text_data):
+    def make():
+        return D.BatchIterator(text_data, 16, seed=7, n_buckets=3)
+    it = make()
+    for _ in range(7):
+        next(it)
+    state = json.loads(json.dumps(it.state()))
+    first = [next(it) for _ in range(15)]  # crosses the epoch boundary (18 batches an epoch)
+    fresh = make()
+    fresh.set_state(state)
+    for a, b in zip(first, [next(fresh) for _ in range(15)]):
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert fresh.state() == {"epoch": 1, "index": 4}
+    other_epoch = D.BatchIterator(text_data, 16, seed=7, n_buckets=3)
+    other_epoch.set_state({"epoch": 1, "index": 0})
+    assert not np.array_equal(next(other_epoch)["labels"], next(make())["labels"])
+
+
+def test_host_sharding_and_workers(ctc_data):
+    full = list(D.BatchIterator(ctc_data, 8, num_epochs=1, seed=1, multiple=320))
+    parts = [list(D.BatchIterator(ctc_data, 8, num_epochs=1, seed=1, multiple=320, shard_index=i,
+                                  num_shards=2, num_workers=2)) for i in range(2)]
+    for g, a, b in zip(full, *parts):
+        for k in g:
+            np.testing.assert_array_equal(g[k], np.concatenate([a[k], b[k]]))
+    with pytest.raises(ValueError, match="not divisible by num_shards"):
+        D.BatchIterator(ctc_data, 8, num_shards=3)
+
+
+def test_audio_classification_and_crop(train_rows):
+    lm = D.LabelMap.from_labels(r["label"] for r in train_rows)
+    ds = D.AudioDataset(train_rows[:20], label_map=lm, max_samples=8000, crop=True)
+    batch = next(D.BatchIterator(ds, 4, buckets=[8000]))
+    assert batch["input_values"].shape == (4, 8000) and batch["labels"].shape == (4,)
+    dropped = D.AudioDataset(train_rows[:20], max_samples=12000)
+    assert len(dropped) + dropped.dropped == 20 and "labels" not in dropped.load(0)
+    with pytest.raises(ValueError, match="every utterance is longer than"):
+        D.AudioDataset(train_rows[:5], max_samples=10)
+    with pytest.raises(ValueError, match="1 unknown labels: yes"):
+        D.AudioDataset([r for r in train_rows if r["label"] == "yes"][:2], label_map=D.LabelMap(["no"]))
+
+
+# ----------------------------------------------------------------------------- prefetch
+
+def test_prefetch_matches_and_tracks_state(text_data):
+    it = D.BatchIterator(text_data, 16, seed=2, num_epochs=1)
+    direct = list(D.BatchIterator(text_data, 16, seed=2, num_epochs=1))
+    with D.prefetch(it, 3) as pf:
+        first = next(pf)
+        assert pf.state() == {"epoch": 0, "index": 1}
+        rest = list(pf)
+    for a, b in zip([first] + rest, direct):
+        np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+    assert len(rest) + 1 == len(direct)
+
+
+def test_prefetch_propagates_errors_and_stops():
+    def broken():
+        yield 1
+        raise RuntimeError("decoder exploded")
+    pf = D.prefetch(broken(), 2)
+    assert next(pf) == 1
+    with pytest.raises(RuntimeError, match="decoder exploded"):
+        next(pf)
+
+    def endless():
+        i = 0
+        while True:
+            yield i
+            i += 1
+    before = threading.active_count()
+    pf = D.prefetch(endless(), 2)
+    assert [next(pf) for _ in range(3)] == [0, 1, 2]
+    pf.close()
+    assert not pf._thread.is_alive() and threading.active_count() == before
+    with pytest.raises(StopIteration):
+        next(pf)

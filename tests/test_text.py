@@ -1,0 +1,397 @@
+"""Data2Vec text models vs transformers' PyTorch classes (float32, max abs diff <= 1e-4).
+
+Tiny random models are built from configs (no downloads); every parameter is perturbed so LayerNorm
+scales, biases and the LM bias are non-trivial. Inputs are right padded.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from flax_data2vec import losses  # noqa: E402
+from flax_data2vec.config import Data2VecTextConfig  # noqa: E402
+from flax_data2vec.text import Data2VecTextModel, init_cache, position_ids_from_input_ids  # noqa: E402
+from flax_data2vec.text_heads import TEXT_MODELS, TEXT_WEIGHT_TABLES, text_weight_table  # noqa: E402
+from flax_data2vec.weights import from_state_dict, scan_params, to_state_dict  # noqa: E402
+
+TOL = 1e-4
+SMALL = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+             max_position_embeddings=40, type_vocab_size=2, layer_norm_eps=1e-5)
+B, T, PAD = 3, 9, 1
+LENGTHS = (T, T - 3, T - 1)  # right padding on rows 1 and 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers
+@functools.lru_cache(maxsize=None)
+def make_pair(class_name: str, **overrides):
+    """(torch model in eval mode, flax module, flax params converted from the torch state dict)."""
+    kw = {**SMALL, **overrides}
+    tcfg = transformers.Data2VecTextConfig(**kw, attn_implementation="eager")
+    torch.manual_seed(0)
+    tmodel = getattr(transformers, class_name)(tcfg).eval()
+    with torch.no_grad():
+        for p in tmodel.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    config = Data2VecTextConfig.from_dict(tcfg.to_dict())
+    fmodel = TEXT_MODELS[class_name](config)
+    params = convert(tmodel, fmodel, class_name, config)
+    return tmodel, fmodel, params
+
+
+def convert(tmodel, fmodel, class_name, config):
+    ids = np.full((1, 4, 4) if class_name.endswith("MultipleChoice") else (1, 4), 5, np.int32)
+    extra = {}
+    if config.add_cross_attention:
+        extra["encoder_hidden_states"] = jnp.zeros((1, 2, config.hidden_size))
+    shapes = jax.eval_shape(lambda: fmodel.init(jax.random.PRNGKey(0), ids, **extra))["params"]
+    sd = {k: v.detach().numpy() for k, v in tmodel.state_dict().items()}
+    table = text_weight_table(class_name, config.tie_word_embeddings)
+    params, report = from_state_dict(sd, shapes, table)
+    assert report.missing == [] and report.unexpected == [], report
+    return jax.tree_util.tree_map(jnp.asarray, params)
+
+
+def make_inputs(seed=0, batch=B, length=T, lengths=LENGTHS, vocab=99, type_ids=True):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, vocab, (batch, length)).astype(np.int64)
+    mask = (np.arange(length)[None] < np.array(lengths)[:, None]).astype(np.int64)
+    ids = np.where(mask == 1, ids, PAD)
+    tt = (np.arange(length)[None] >= length // 2).astype(np.int64).repeat(batch, 0) if type_ids else None
+    return ids, mask, tt
+
+
+def t(x):
+    return None if x is None else torch.from_numpy(np.asarray(x))
+
+
+def assert_close(name, got, want, tol=TOL):
+    if want is None or (isinstance(want, tuple) and len(want) == 0):
+        assert got is None or len(got) == 0, f"{name}: flax gave a value, torch none"
+        return
+    if isinstance(want, (tuple, list)):
+        assert got is not None and len(got) == len(want), f"{name}: lengths differ"
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_close(f"{name}[{i}]", g, w, tol)
+        return
+    want = want.detach().numpy() if isinstance(want, torch.Tensor) else np.asarray(want)
+    got = np.asarray(got)
+    assert got.shape == want.shape, f"{name}: shape {got.shape} vs torch {want.shape}"
+    diff = np.max(np.abs(got.astype(np.float64) - want)) if want.size else 0.0
+    assert diff <= tol, f"{name}: max abs diff {diff:.3g} > {tol}"
+
+
+def run_both(class_name, overrides, inputs, flax_kw=None, torch_kw=None):
+    tmodel, fmodel, params = make_pair(class_name, **overrides)
+    ids, mask, tt = inputs
+    flax_kw, torch_kw = flax_kw or {}, torch_kw or {}
+    with torch.no_grad():
+        tout = tmodel(input_ids=t(ids), attention_mask=t(mask), token_type_ids=t(tt), output_attentions=True,
+                      output_hidden_states=True, **{k: t(v) for k, v in torch_kw.items()})
+    fout = fmodel.apply({"params": params}, jnp.asarray(ids), None if mask is None else jnp.asarray(mask),
+                        None if tt is None else jnp.asarray(tt), output_attentions=True, output_hidden_states=True,
+                        **flax_kw)
+    return tout, fout
+
+
+FIELDS = ("last_hidden_state", "pooler_output", "logits", "loss", "start_logits", "end_logits", "hidden_states",
+          "attentions", "cross_attentions")
+
+
+def compare_outputs(tout, fout):
+    checked = 0
+    for field in FIELDS:
+        if field in tout:  # transformers' ModelOutput: keys are the non-None fields
+            assert_close(field, getattr(fout, field), tout[field])
+            checked += 1
+    assert checked >= 3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# parity with transformers
+DECODER = dict(is_decoder=True)
+CROSS = dict(is_decoder=True, add_cross_attention=True)
+
+
+def _encoder_states(seed=1, batch=B, length=5):
+    rng = np.random.default_rng(seed)
+    states = rng.standard_normal((batch, length, SMALL["hidden_size"])).astype(np.float32)
+    mask = (np.arange(length)[None] < np.array([5, 3, 4])[:batch, None]).astype(np.int64)
+    return dict(encoder_hidden_states=states, encoder_attention_mask=mask)
+
+
+def _lm_labels(ids, mask, seed=2):
+    labels = np.random.default_rng(seed).integers(0, 99, ids.shape)
+    return np.where(mask == 1, labels, -100)
+
+
+@pytest.mark.parametrize("overrides,cross", [({}, False), (dict(type_vocab_size=1), False), (DECODER, False),
+                                             (CROSS, True)], ids=["encoder", "type_vocab_1", "decoder", "cross"])
+def test_base_model_matches_torch(overrides, cross):
+    inputs = make_inputs(type_ids=overrides.get("type_vocab_size", 2) == 2)
+    kw = _encoder_states() if cross else {}
+    tout, fout = run_both("Data2VecTextModel", overrides, inputs, flax_kw=kw, torch_kw=kw)
+    compare_outputs(tout, fout)
+    if cross:
+        assert fout.cross_attentions is not None and len(fout.cross_attentions) == SMALL["num_hidden_layers"]
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(tie_word_embeddings=False)], ids=["tied", "untied"])
+def test_masked_lm_matches_torch(overrides):
+    ids, mask, tt = make_inputs()
+    labels = _lm_labels(ids, mask)
+    tout, fout = run_both("Data2VecTextForMaskedLM", overrides, (ids, mask, tt), dict(labels=labels),
+                          dict(labels=labels))
+    compare_outputs(tout, fout)
+
+
+@pytest.mark.parametrize("overrides,cross", [(DECODER, False), (CROSS, True)], ids=["decoder", "cross"])
+def test_causal_lm_matches_torch(overrides, cross):
+    ids, mask, tt = make_inputs()
+    kw = dict(labels=_lm_labels(ids, mask), **(_encoder_states() if cross else {}))
+    tout, fout = run_both("Data2VecTextForCausalLM", overrides, (ids, mask, tt), kw, kw)
+    compare_outputs(tout, fout)
+
+
+@pytest.mark.parametrize("num_labels,problem_type,kind", [
+    (1, None, "float"), (3, None, "int"), (3, None, "multi"), (2, "regression", "multi"),
+    (3, "single_label_classification", "int")])
+def test_sequence_classification_matches_torch(num_labels, problem_type, kind):
+    rng = np.random.default_rng(3)
+    labels = {"float": rng.standard_normal(B).astype(np.float32),
+              "int": rng.integers(0, num_labels, B),
+              "multi": rng.integers(0, 2, (B, num_labels)).astype(np.float32)}[kind]
+    overrides = dict(num_labels=num_labels, problem_type=problem_type)
+    # the reference writes the inferred problem_type into its config on the first call: undo that
+    make_pair("Data2VecTextForSequenceClassification", **overrides)[0].config.problem_type = problem_type
+    tout, fout = run_both("Data2VecTextForSequenceClassification", overrides, make_inputs(), dict(labels=labels),
+                          dict(labels=labels))
+    compare_outputs(tout, fout)
+
+
+def test_multiple_choice_matches_torch():
+    ids, mask, tt = make_inputs(batch=4, lengths=(9, 6, 8, 4))
+    ids, mask, tt = (x.reshape(2, 2, T) for x in (ids, mask, tt))
+    labels = np.array([1, 0])
+    tout, fout = run_both("Data2VecTextForMultipleChoice", {}, (ids, mask, tt), dict(labels=labels),
+                          dict(labels=labels))
+    compare_outputs(tout, fout)
+    assert fout.logits.shape == (2, 2)
+
+
+def test_token_classification_matches_torch():
+    ids, mask, tt = make_inputs()
+    labels = np.where(mask == 1, np.random.default_rng(4).integers(0, 5, ids.shape), -100)
+    tout, fout = run_both("Data2VecTextForTokenClassification", dict(num_labels=5), (ids, mask, tt),
+                          dict(labels=labels), dict(labels=labels))
+    compare_outputs(tout, fout)
+
+
+@pytest.mark.parametrize("start,end", [([0, 3, 5], [2, 4, 7]), ([1, 50, -3], [T, 2, 40])], ids=["inside", "outside"])
+def test_question_answering_matches_torch(start, end):
+    kw = dict(start_positions=np.array(start), end_positions=np.array(end))
+    tout, fout = run_both("Data2VecTextForQuestionAnswering", {}, make_inputs(), kw, kw)
+    compare_outputs(tout, fout)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# behaviour
+def test_position_ids_follow_roberta():
+    ids = jnp.array([[0, 5, 6, 2, 1, 1]])
+    np.testing.assert_array_equal(position_ids_from_input_ids(ids, 1), [[2, 3, 4, 5, 1, 1]])
+    np.testing.assert_array_equal(position_ids_from_input_ids(ids, 1, offset=3), [[5, 6, 7, 8, 1, 1]])
+
+
+def test_padding_does_not_change_real_tokens():
+    _, model, params = make_pair("Data2VecTextModel")
+    ids, mask, tt = make_inputs()
+    padded = model.apply({"params": params}, ids, mask, tt).last_hidden_state
+    for row, n in enumerate(LENGTHS):
+        alone = model.apply({"params": params}, ids[row:row + 1, :n], mask[row:row + 1, :n],
+                            tt[row:row + 1, :n]).last_hidden_state
+        np.testing.assert_allclose(padded[row, :n], alone[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("class_name,overrides", [(name, {}) for name in TEXT_MODELS] + [
+    ("Data2VecTextForMaskedLM", dict(tie_word_embeddings=False)), ("Data2VecTextForCausalLM", CROSS)])
+def test_state_dict_round_trip(class_name, overrides):
+    tmodel, fmodel, params = make_pair(class_name, **overrides)
+    table = text_weight_table(class_name, overrides.get("tie_word_embeddings", True))
+    sd = to_state_dict(params, table)
+    ref = tmodel.state_dict()
+    assert set(sd) == set(ref)
+    for k, v in ref.items():
+        np.testing.assert_array_equal(sd[k], v.numpy(), err_msg=k)
+    # flax-initialised weights load strictly into a fresh torch model, and ties survive the load
+    fresh = getattr(transformers, class_name)(tmodel.config).eval()
+    ids = np.full((1, 1, 4) if class_name.endswith("MultipleChoice") else (1, 4), 5, np.int32)
+    extra = {"encoder_hidden_states": jnp.zeros((1, 2, 32))} if overrides.get("add_cross_attention") else {}
+    init = fmodel.init(jax.random.PRNGKey(7), ids, **extra)["params"]
+    fresh.load_state_dict({k: torch.from_numpy(v) for k, v in to_state_dict(init, table).items()}, strict=True)
+    if class_name in ("Data2VecTextForMaskedLM", "Data2VecTextForCausalLM") and table.tied:
+        assert fresh.lm_head.decoder.weight.data_ptr() == fresh.data2vec_text.embeddings.word_embeddings.weight.data_ptr()
+        assert fresh.lm_head.decoder.bias.data_ptr() == fresh.lm_head.bias.data_ptr()
+    ids, mask, tt = make_inputs()
+    if class_name.endswith("MultipleChoice"):
+        ids, mask, tt = (x[:2].reshape(1, 2, T) for x in (ids, mask, tt))
+    kw = {}
+    if overrides.get("add_cross_attention"):
+        kw = _encoder_states()
+    with torch.no_grad():
+        tout = fresh(input_ids=t(ids), attention_mask=t(mask), token_type_ids=t(tt), **{k: t(v) for k, v in kw.items()})
+    fout = fmodel.apply({"params": init}, ids, mask, tt, **kw)
+    key = "last_hidden_state" if class_name == "Data2VecTextModel" else (
+        "start_logits" if class_name.endswith("QuestionAnswering") else "logits")
+    assert_close(key, getattr(fout, key), tout[key])
+
+
+def test_scan_and_remat_match_unrolled():
+    _, model, params = make_pair("Data2VecTextForMaskedLM")
+    ids, mask, tt = make_inputs()
+    want = model.apply({"params": params}, ids, mask, tt, output_hidden_states=True, output_attentions=True)
+    for options in (dict(scan_layers=True), dict(remat=True), dict(scan_layers=True, remat=True)):
+        other = model.clone(**options)
+        p = scan_params(params) if options.get("scan_layers") else params
+        got = other.apply({"params": p}, ids, mask, tt, output_hidden_states=True, output_attentions=True)
+        for field in ("logits", "hidden_states", "attentions"):
+            assert_close(field, getattr(got, field), getattr(want, field), tol=1e-5)
+
+
+def test_masked_lm_gradients_match_torch():
+    tmodel, fmodel, params = make_pair("Data2VecTextForMaskedLM")
+    ids, mask, tt = make_inputs()
+    labels = _lm_labels(ids, mask)
+    tmodel.zero_grad()
+    tmodel(input_ids=t(ids), attention_mask=t(mask), token_type_ids=t(tt), labels=t(labels)).loss.backward()
+
+    def loss_fn(p):
+        return fmodel.apply({"params": p}, ids, mask, tt, labels=labels).loss
+
+    grads = to_state_dict(jax.grad(loss_fn)(params), TEXT_WEIGHT_TABLES["Data2VecTextForMaskedLM"])
+    for name, p in tmodel.named_parameters():  # tied parameters appear once, under their owner's name
+        want = p.grad.numpy()
+        np.testing.assert_allclose(grads[name], want, atol=1e-5, rtol=1e-4, err_msg=name)
+
+
+def _decode(model, params, ids, cache, prefill=3, **kw):
+    """Prefill `prefill` tokens, then one token per step; returns the logits of every position."""
+    step = jax.jit(lambda c, x: model.apply({"params": params, "cache": c}, x, decode=True, mutable=["cache"], **kw))
+    logits = []
+    for lo, hi in [(0, prefill)] + [(i, i + 1) for i in range(prefill, ids.shape[1])]:
+        out, mutated = step(cache, ids[:, lo:hi])
+        cache = mutated["cache"]
+        logits.append(out.logits)
+    return jnp.concatenate(logits, axis=1)
+
+
+@pytest.mark.parametrize("overrides,scan", [(DECODER, False), (CROSS, False), (CROSS, True)],
+                         ids=["decoder", "cross", "cross-scan"])
+def test_cached_decoding_matches_full_forward(overrides, scan):
+    _, model, params = make_pair("Data2VecTextForCausalLM", **overrides)
+    if scan:
+        model, params = model.clone(scan_layers=True), scan_params(params)
+    ids = jnp.asarray(make_inputs(lengths=(T,) * B)[0])
+    kw = {}
+    if overrides.get("add_cross_attention"):
+        kw = {k: jnp.asarray(v) for k, v in _encoder_states().items()}
+    full = model.apply({"params": params}, ids, **kw).logits
+    cache = init_cache(model, B, T + 2, kw.get("encoder_hidden_states"))  # a cache longer than the text
+    np.testing.assert_allclose(_decode(model, params, ids, cache, **kw), full, atol=1e-5)
+
+
+def test_every_module_jits_and_trains():
+    for name in TEXT_MODELS:
+        _, model, params = make_pair(name, **(DECODER if name.endswith("CausalLM") else {}))
+        ids, mask, _ = make_inputs()
+        kw = {"Data2VecTextForMaskedLM": dict(labels=_lm_labels(ids, mask)),
+              "Data2VecTextForCausalLM": dict(labels=_lm_labels(ids, mask)),
+              "Data2VecTextForSequenceClassification": dict(labels=np.array([0, 1, 1])),
+              "Data2VecTextForMultipleChoice": dict(labels=np.array([0, 2, 1])),
+              "Data2VecTextForTokenClassification": dict(labels=np.where(mask == 1, 1, -100)),
+              "Data2VecTextForQuestionAnswering": dict(start_positions=np.array([0, 1, 2]),
+                                                       end_positions=np.array([3, 4, 5]))}.get(name, {})
+        if name.endswith("MultipleChoice"):
+            ids, mask = ids[:, None].repeat(3, 1), mask[:, None].repeat(3, 1)
+
+        @jax.jit
+        def loss(p, ids, mask, rng, kw):
+            out = model.apply({"params": p}, ids, mask, deterministic=False, rngs={"dropout": rng}, **kw)
+            return out.loss if out.loss is not None else jnp.mean(out.last_hidden_state ** 2)
+
+        value, grads = jax.value_and_grad(loss)(params, ids, mask, jax.random.PRNGKey(1), kw)
+        assert np.isfinite(value), name
+        assert all(np.isfinite(g).all() for g in jax.tree_util.tree_leaves(grads)), name
+
+
+def test_bfloat16_compute_is_close_to_float32():
+    # bf16 keeps ~3 significant digits; over two layers the hidden states (O(1) after LayerNorm) stay within 0.1
+    _, model, params = make_pair("Data2VecTextForMaskedLM")
+    ids, mask, tt = make_inputs()
+    ref = model.apply({"params": params}, ids, mask, tt)
+    out = model.clone(dtype=jnp.bfloat16).apply({"params": params}, ids, mask, tt, labels=_lm_labels(ids, mask))
+    assert out.logits.dtype == jnp.float32 and out.loss.dtype == jnp.float32
+    assert np.max(np.abs(out.logits - ref.logits)) < 0.15
+    base = make_pair("Data2VecTextModel")
+    h32 = base[1].apply({"params": base[2]}, ids, mask, tt).last_hidden_state
+    h16 = base[1].clone(dtype=jnp.bfloat16).apply({"params": base[2]}, ids, mask, tt).last_hidden_state
+    assert h16.dtype == jnp.bfloat16 and np.max(np.abs(h16.astype(jnp.float32) - h32)) < 0.1
+
+
+def test_losses_match_torch_conventions():
+    logits = jnp.array([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]])
+    assert np.isnan(losses.cross_entropy(logits, jnp.array([-100, -100])))  # torch: mean over nothing
+    got = losses.causal_lm_loss(logits[None], jnp.array([[7, 2]]))  # only logit 0 -> label 2 is scored
+    np.testing.assert_allclose(got, -jax.nn.log_softmax(logits[0])[2], rtol=1e-6)
+    assert losses.infer_problem_type(1, np.int64) == "regression"
+    assert losses.infer_problem_type(3, np.int32) == "single_label_classification"
+    assert losses.infer_problem_type(3, np.float32) == "multi_label_classification"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad input
+def test_bad_inputs_raise_clear_errors():
+    _, model, params = make_pair("Data2VecTextModel")
+    apply = functools.partial(model.apply, {"params": params})
+    ids, mask, _ = make_inputs()
+    max_len = model.config.max_sequence_length
+    with pytest.raises(ValueError, match=r"input_ids must have shape \(batch, seq\)"):
+        apply(ids[0])
+    with pytest.raises(TypeError, match="integer array of token ids"):
+        apply(ids.astype(np.float32))
+    with pytest.raises(ValueError, match=f"more than the {max_len}"):
+        apply(np.full((1, max_len + 1), 5))
+    apply(np.full((1, max_len), 5))  # the longest allowed input works
+    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 99\)"):
+        apply(np.array([[5, 99]]))
+    with pytest.raises(ValueError, match="attention_mask shape"):
+        apply(ids, mask[:, :-1])
+    with pytest.raises(ValueError, match="no cross-attention layers"):
+        apply(ids, encoder_hidden_states=jnp.zeros((B, 2, 32)))
+    with pytest.raises(ValueError, match="decode=True needs a causal model"):
+        apply(ids, decode=True, mutable=["cache"])
+    jax.jit(lambda x: apply(x).last_hidden_state)(ids)  # traced ids skip the value check
+
+    _, mlm, mlm_params = make_pair("Data2VecTextForMaskedLM")
+    with pytest.raises(ValueError, match=r"labels must have shape \(3, 9\)"):
+        mlm.apply({"params": mlm_params}, ids, labels=ids[:, :-1])
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 99\) or be -100"):
+        mlm.apply({"params": mlm_params}, ids, labels=np.full(ids.shape, 120))
+    _, cls, cls_params = make_pair("Data2VecTextForSequenceClassification", num_labels=3)
+    with pytest.raises(ValueError, match=r"labels must have shape \(3,\) or \(3, 1\)"):
+        cls.apply({"params": cls_params}, ids, labels=np.zeros((3, 3), np.int64))
+    with pytest.raises(ValueError, match=r"labels must have shape \(3, 3\)"):
+        cls.apply({"params": cls_params}, ids, labels=np.zeros((3,), np.float32))
+    _, mc, mc_params = make_pair("Data2VecTextForMultipleChoice")
+    with pytest.raises(ValueError, match=r"\(batch, choices, seq\)"):
+        mc.apply({"params": mc_params}, ids)
+    with pytest.raises(ValueError, match="num_labels == 2"):
+        TEXT_MODELS["Data2VecTextForQuestionAnswering"](model.config.replace(num_labels=3)).init(
+            jax.random.PRNGKey(0), ids)
