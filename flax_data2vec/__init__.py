@@ -8,6 +8,7 @@ from .audio_heads import (
     Data2VecAudioForXVector,
 )
 from .config import Data2VecAudioConfig, Data2VecTextConfig
+from .hub import load, save
 from .registry import from_transformers, init_params, model_class, to_transformers_state_dict
 
 __version__ = "0.1.0"

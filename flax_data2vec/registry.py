@@ -57,11 +57,12 @@ def config_class(name: str) -> type:
     return Data2VecAudioConfig if is_audio(name) else Data2VecTextConfig
 
 
-def weight_table(name: str) -> WeightTable:
+def weight_table(name: str, config=None) -> WeightTable:
+    """The state-dict naming of class `name`; `config` decides whether the text LM decoder is tied."""
     if is_audio(name):
         return audio_heads.audio_weight_table(name)
     from .text_heads import text_weight_table
-    return text_weight_table(name)
+    return text_weight_table(name, getattr(config, "tie_word_embeddings", True))
 
 
 def base_prefix(name: str) -> str:
@@ -100,7 +101,7 @@ def params_from_state_dict(module, state_dict: Mapping[str, Any], rng: int = 0,
     name = type(module).__name__
     shapes = abstract_params(module)
     state_dict = {k: _to_numpy(v) for k, v in state_dict.items()}
-    params, report = from_state_dict(state_dict, shapes, weight_table(name))
+    params, report = from_state_dict(state_dict, shapes, weight_table(name, module.config))
     if report.missing:
         if not allow_missing:
             raise KeyError(f"{name}: parameters missing from the state dict: {', '.join(report.missing)}")
@@ -142,4 +143,4 @@ def from_transformers(torch_model, **module_options) -> tuple[Any, dict]:
 
 def to_transformers_state_dict(module, params: Mapping) -> dict[str, np.ndarray]:
     """Params -> {name: numpy array} that `torch_model.load_state_dict(..., strict=True)` accepts."""
-    return to_state_dict(unscan_params(params), weight_table(type(module).__name__))
+    return to_state_dict(unscan_params(params), weight_table(type(module).__name__, module.config))

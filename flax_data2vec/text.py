@@ -119,9 +119,8 @@ def check_text_inputs(config: Data2VecTextConfig, input_ids, attention_mask=None
     if not jnp.issubdtype(dtype, jnp.integer):
         raise TypeError(f"input_ids must be an integer array of token ids, got dtype {dtype}")
     if shape[-1] > config.max_sequence_length:
-        raise ValueError(f"input_ids has {shape[-1]} tokens, more than the {config.max_sequence_length} "
-                         f"the position embeddings cover (max_position_embeddings={config.max_position_embeddings}"
-                         f" minus pad_token_id + 1)")
+        raise ValueError(f"input_ids has {shape[-1]} tokens, more than the {config.max_sequence_length} the "
+                         f"position embeddings cover (max_position_embeddings - pad_token_id - 1)")
     for arg, value in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids),
                        ("position_ids", position_ids)):
         if value is not None and tuple(np.shape(value)) != tuple(shape):
@@ -130,7 +129,8 @@ def check_text_inputs(config: Data2VecTextConfig, input_ids, attention_mask=None
                               ("token_type_ids", token_type_ids, config.type_vocab_size),
                               ("position_ids", position_ids, config.max_position_embeddings)):
         if value is not None and _is_concrete(value) and np.size(value):
-            lo, hi = int(np.min(value)), int(np.max(value))
+            value = np.asarray(value)
+            lo, hi = int(value.min()), int(value.max())
             if lo < 0 or hi >= limit:
                 raise ValueError(f"{arg} must lie in [0, {limit}), got values in [{lo}, {hi}]")
 

@@ -33,12 +33,18 @@ def _check_labels(name: str, labels, allowed: list[tuple[int, ...]]) -> None:
         raise ValueError(f"{name} must have shape {want}, got {tuple(np.shape(labels))}")
 
 
+def _dtype(x):
+    return x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+
+
 def _check_class_ids(name: str, labels, num_classes: int, ignore_index: int | None = losses.IGNORE_INDEX) -> None:
-    """Concrete integer labels must be class ids (or the ignore index); torch raises on these too."""
-    if labels is None or isinstance(labels, jax.core.Tracer) or not np.size(labels):
+    """Labels must be integer class ids (or the ignore index); values are checked when concrete, as torch does."""
+    if labels is None:
         return
-    if not jnp.issubdtype(np.asarray(labels).dtype, jnp.integer):
-        raise TypeError(f"{name} must be integer class ids, got dtype {np.asarray(labels).dtype}")
+    if not jnp.issubdtype(_dtype(labels), jnp.integer):
+        raise TypeError(f"{name} must be integer class ids, got dtype {_dtype(labels)}")
+    if isinstance(labels, jax.core.Tracer) or not np.size(labels):
+        return
     values = np.asarray(labels)
     bad = (values < 0) | (values >= num_classes)
     if ignore_index is not None:
@@ -90,9 +96,11 @@ class LMHead(nn.Module):
 class _LMModel(_TextHead):
     """Encoder + LM head; the masked and causal LMs differ only in the loss and the decoder switches."""
 
-    def _lm_logits(self, input_ids, attention_mask, token_type_ids, position_ids, encoder_kw: dict):
+    def _lm_logits(self, input_ids, attention_mask, token_type_ids, position_ids, labels, encoder_kw: dict):
         c: Data2VecTextConfig = self.config
         check_text_inputs(c, input_ids, attention_mask, token_type_ids, position_ids)
+        _check_labels("labels", labels, [tuple(np.shape(input_ids))])
+        _check_class_ids("labels", labels, c.vocab_size)
         base = self._encoder()
         out = base(input_ids, attention_mask, token_type_ids, position_ids, **encoder_kw)
         embedding = None
@@ -109,9 +117,7 @@ class Data2VecTextForMaskedLM(_LMModel):
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *, labels=None,
                  encoder_hidden_states=None, encoder_attention_mask=None, deterministic: bool = True,
                  output_attentions: bool = False, output_hidden_states: bool = False) -> HeadOutput:
-        _check_labels("labels", labels, [tuple(np.shape(input_ids))])
-        _check_class_ids("labels", labels, self.config.vocab_size)
-        logits, out = self._lm_logits(input_ids, attention_mask, token_type_ids, position_ids, dict(
+        logits, out = self._lm_logits(input_ids, attention_mask, token_type_ids, position_ids, labels, dict(
             encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
             deterministic=deterministic, output_attentions=output_attentions,
             output_hidden_states=output_hidden_states))
@@ -130,9 +136,7 @@ class Data2VecTextForCausalLM(_LMModel):
                  encoder_hidden_states=None, encoder_attention_mask=None, deterministic: bool = True,
                  output_attentions: bool = False, output_hidden_states: bool = False,
                  decode: bool = False) -> HeadOutput:
-        _check_labels("labels", labels, [tuple(np.shape(input_ids))])
-        _check_class_ids("labels", labels, self.config.vocab_size)
-        logits, out = self._lm_logits(input_ids, attention_mask, token_type_ids, position_ids, dict(
+        logits, out = self._lm_logits(input_ids, attention_mask, token_type_ids, position_ids, labels, dict(
             encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
             deterministic=deterministic, output_attentions=output_attentions,
             output_hidden_states=output_hidden_states, decode=decode))
@@ -163,7 +167,7 @@ def _check_sequence_labels(config: Data2VecTextConfig, labels, batch: int) -> st
     if labels is None:
         return None
     n = config.num_labels
-    problem = config.problem_type or losses.infer_problem_type(n, np.result_type(labels))
+    problem = config.problem_type or losses.infer_problem_type(n, _dtype(labels))
     if problem == "single_label_classification":
         _check_labels("labels", labels, [(batch,), (batch, 1)])
         _check_class_ids("labels", labels, n)
@@ -256,8 +260,8 @@ class Data2VecTextForQuestionAnswering(_TextHead):
         batch = np.shape(input_ids)[0]
         for name, positions in (("start_positions", start_positions), ("end_positions", end_positions)):
             _check_labels(name, positions, [(batch,), (batch, 1)])
-            if positions is not None and not jnp.issubdtype(np.result_type(positions), jnp.integer):
-                raise TypeError(f"{name} must be integer token indices, got dtype {np.result_type(positions)}")
+            if positions is not None and not jnp.issubdtype(_dtype(positions), jnp.integer):
+                raise TypeError(f"{name} must be integer token indices, got dtype {_dtype(positions)}")
         out = self._encoder()(input_ids, attention_mask, token_type_ids, position_ids, deterministic=deterministic,
                               output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         logits = _f32(dense(2, c.initializer_range, "qa_outputs", self.dtype, self.param_dtype)(out.last_hidden_state))
@@ -319,3 +323,10 @@ def text_weight_table(class_name: str, tie_word_embeddings: bool = True) -> Weig
 
 
 TEXT_WEIGHT_TABLES: dict[str, WeightTable] = {name: text_weight_table(name) for name in TEXT_MODELS}
+
+
+def text_param_shapes(module: ModelOptions) -> dict:
+    """The parameter tree (ShapeDtypeStructs, nothing computed) of a text module, for `from_state_dict`."""
+    shape = (1, 1, 4) if isinstance(module, Data2VecTextForMultipleChoice) else (1, 4)
+    ids = jnp.full(shape, 5, jnp.int32)
+    return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids))["params"]

