@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a source checkout
 
@@ -28,7 +28,7 @@ def run(convert: Callable[[], str], debug: bool = False) -> int:
         try:
             print(convert())
             return 0
-        except Exception as e:  # noqa: BLE001 - the CLI's contract: one clear line, no traceback
+        except Exception as e:  # the CLI's contract: one clear line, no traceback
             if debug:
                 raise
             print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)

@@ -8,6 +8,15 @@ from .audio_heads import (
     Data2VecAudioForXVector,
 )
 from .config import Data2VecAudioConfig, Data2VecTextConfig
+from .text import Data2VecTextModel
+from .text_heads import (
+    Data2VecTextForCausalLM,
+    Data2VecTextForMaskedLM,
+    Data2VecTextForMultipleChoice,
+    Data2VecTextForQuestionAnswering,
+    Data2VecTextForSequenceClassification,
+    Data2VecTextForTokenClassification,
+)
 from .hub import load, save
 from .registry import from_transformers, init_params, model_class, to_transformers_state_dict
 

@@ -18,7 +18,8 @@ import json
 import os
 import re
 import shutil
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -54,15 +55,20 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_writes(dst: str) -> None:
-    """Delete `<dst>.tmp-<pid>` / `<dst>.old-<pid>` left by writers that are no longer running."""
-    parent, base = os.path.split(os.path.abspath(dst))
+    """Clean up after writers of `dst` that died: delete `<dst>.tmp-<pid>`; put back a `<dst>.old-<pid>`
+    (a replaced `dst` whose replacement never arrived) if `dst` is missing, else delete it."""
+    dst = os.path.abspath(dst)
+    parent, base = os.path.split(dst)
     if not os.path.isdir(parent):
         return
     pattern = re.compile(re.escape(base) + r"\.(tmp|old)-(\d+)")
-    for entry in os.listdir(parent):
+    for entry in sorted(os.listdir(parent)):
         m = pattern.fullmatch(entry)
         if m and (int(m.group(2)) == os.getpid() or not _pid_alive(int(m.group(2)))):
-            _remove(os.path.join(parent, entry))
+            if m.group(1) == "old" and not os.path.lexists(dst):
+                os.replace(os.path.join(parent, entry), dst)
+            else:
+                _remove(os.path.join(parent, entry))
 
 
 def _remove(path: str) -> None:
@@ -100,7 +106,12 @@ def atomic_directory(dst: str | os.PathLike, overwrite: bool = False) -> Iterato
                 raise
             _remove(old)
         else:
-            os.replace(tmp, dst)
+            try:
+                os.replace(tmp, dst)
+            except OSError as e:  # a directory cannot replace a non-empty one: another writer got there first
+                if os.path.lexists(dst):
+                    raise FileExistsError(f"{dst} was created by someone else while this write ran") from e
+                raise
     finally:
         _remove(tmp)
 
@@ -161,6 +172,11 @@ def build_module(directory: str | os.PathLike, dtype=None, param_dtype=None, **m
                                       param_dtype=param_dtype or jnp.float32, **options)
 
 
+def host_sharding() -> jax.sharding.Sharding:
+    """Host memory (the CPU device), where conversions run whatever the accelerator."""
+    return jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+
+
 def place_sharding(sharding: ShardingSpec | None, path: tuple[str, ...], shape: tuple) -> jax.sharding.Sharding:
     """The device sharding of the param at `path` (keys of the unrolled tree)."""
     if sharding is None:
@@ -203,7 +219,7 @@ def restore_params(directory: str | os.PathLike, module, sharding: ShardingSpec 
     with ocp.StandardCheckpointer() as checkpointer:
         try:
             meta = checkpointer.metadata(path)
-        except Exception as e:  # noqa: BLE001 - Orbax raises many types for a damaged directory
+        except Exception as e:  # Orbax raises many types for a damaged directory
             raise ValueError(f"could not read the Orbax params in {path}: {e}") from e
         saved = getattr(getattr(meta, "item_metadata", meta), "tree", None)
         if saved is not None:
@@ -229,3 +245,23 @@ def put(params: dict, module, sharding: ShardingSpec | None) -> dict:
     def move(x, s):
         return jax.device_put(np.asarray(x).astype(module.param_dtype), s)
     return jax.tree_util.tree_map(move, params, shardings_of(module, sharding))
+
+
+def init_new(module, params: dict, paths: list[str], rng: int | jax.Array = 0,
+             sharding: ShardingSpec | None = None) -> dict:
+    """Params (unrolled) with those at `paths` freshly initialised from `rng`, in their target shardings.
+
+    Only those leaves are computed: under jit XLA prunes the rest of the model's init.
+    """
+    if not paths:
+        return params
+    unrolled = module.clone(scan_layers=False)
+    key = jax.random.PRNGKey(rng) if isinstance(rng, int) else rng
+    targets = traverse_util.flatten_dict(shardings_of(module, sharding), sep="/")
+
+    def init(k):
+        fresh = traverse_util.flatten_dict(registry.init_params(unrolled, k), sep="/")
+        return {p: fresh[p] for p in paths}
+    flat = traverse_util.flatten_dict(params, sep="/")
+    flat.update(jax.jit(init, out_shardings={p: targets[p] for p in paths})(key))
+    return traverse_util.unflatten_dict(flat, sep="/")

@@ -25,7 +25,8 @@ import json
 import os
 import re
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -41,7 +42,8 @@ SHORT_NAMES: dict[str, str] = {name: f"facebook/{name}" for name in (
     "data2vec-text-base")}
 CACHE_ENV = "FLAX_DATA2VEC_CACHE"
 # looked for in this order; an index names the shards
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 BASE_CLASSES = {"data2vec-audio": "Data2VecAudioModel", "data2vec-text": "Data2VecTextModel"}  # by model_type
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -132,7 +134,7 @@ def _hub_source(repo_id: str, revision: str | None, label: str | None = None) ->
     where = repo_id + (f"@{revision}" if revision else "")
     try:
         config = hf_hub_download(repo_id, "config.json", revision=revision)
-    except Exception as e:  # noqa: BLE001 - offline, missing repo, gated, bad id: all mean "cannot get it"
+    except Exception as e:  # offline, missing repo, gated, bad id: all mean "cannot get it"
         offline = " (HF_HUB_OFFLINE is set and it is not in the cache)" if os.environ.get("HF_HUB_OFFLINE") else ""
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise FileNotFoundError(f"cannot get config.json of hub repo {where}{offline}: {reason}") from e
@@ -177,9 +179,9 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
         try:
             with jax.default_device(jax.devices("cpu")[0]):
                 return {k: np.asarray(v) for k, v in safetensors.flax.load_file(path).items()}
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise _corrupt(path, e) from e
-    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...
+    except Exception as e:  # SafetensorError, OSError, ...
         raise _corrupt(path, e) from e
 
 
@@ -192,7 +194,7 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
                           "checkpoint to safetensors") from e
     try:
         state_dict = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise _corrupt(path, e) from e
     return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in state_dict.items()}
 
@@ -242,9 +244,9 @@ def _listing(names: list[str], limit: int = 20) -> str:
 def params_for(module, state_dict: dict, label: str = "the checkpoint") -> tuple[dict, dict]:
     """Host (numpy) params of `module`, unrolled, from a transformers state dict with or without the prefix.
 
-    Head params absent from a base checkpoint are left at zero for `init_new` to fill; head entries the class
-    has no use for are dropped. Both are reported in the returned info ({"new", "new_paths", "dropped"});
-    encoder params missing or left over, and shape mismatches, raise CheckpointError.
+    Head params absent from a base checkpoint are left at zero for `checkpoint.init_new` to fill; head entries
+    the class has no use for are dropped. Both are reported in the returned info ({"new", "new_paths",
+    "dropped"}); encoder params missing or left over, and shape mismatches, raise CheckpointError.
     """
     name = type(module).__name__
     prefix = registry.base_prefix(name) + "."
@@ -260,7 +262,9 @@ def params_for(module, state_dict: dict, label: str = "the checkpoint") -> tuple
         state_dict, dropped = {**{prefix + k: v for k, v in encoder.items()}, **head}, []
 
     def is_head(key: str) -> bool:  # the pooler is only in some text checkpoints: treat it as part of a head
-        return key.startswith("pooler.") if is_base else (not key.startswith(prefix) or key.startswith(prefix + "pooler."))
+        if is_base:
+            return key.startswith("pooler.")
+        return not key.startswith(prefix) or key.startswith(prefix + "pooler.")
     try:
         shapes = registry.abstract_params(module)
     except ValueError as e:
@@ -281,25 +285,6 @@ def params_for(module, state_dict: dict, label: str = "the checkpoint") -> tuple
     info = {"new": [k for k in report.missing if is_head(k)], "new_paths": new_paths,
             "dropped": sorted(dropped + [k for k in report.unexpected if is_head(k)])}
     return traverse_util.unflatten_dict(flat, sep="/"), info
-
-
-def init_new(module, params: dict, paths: list[str], rng: int | jax.Array = 0, sharding=None) -> dict:
-    """Params (unrolled) with those at `paths` freshly initialised from `rng`, in their target shardings.
-
-    Only those leaves are computed: under jit XLA prunes the rest of the model's init.
-    """
-    if not paths:
-        return params
-    unrolled = module.clone(scan_layers=False)
-    key = jax.random.PRNGKey(rng) if isinstance(rng, int) else rng
-    targets = traverse_util.flatten_dict(checkpoint.shardings_of(module, sharding), sep="/")
-
-    def init(k):
-        fresh = traverse_util.flatten_dict(registry.init_params(unrolled, k), sep="/")
-        return {p: fresh[p] for p in paths}
-    flat = traverse_util.flatten_dict(params, sep="/")
-    flat.update(jax.jit(init, out_shardings={p: targets[p] for p in paths})(key))
-    return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def _warn(name: str, label: str, info: dict) -> None:
@@ -329,7 +314,6 @@ def _cache_entry(source: Source, name: str, options: dict) -> str:
     entry = os.path.join(cache_dir(), f"{slug}--{name}-{digest.hexdigest()[:16]}")
     if checkpoint.is_checkpoint(entry):
         return entry
-    checkpoint.remove_stale_writes(entry)
     module, params, info = _convert(source, name, options)
     try:
         checkpoint.save(entry, module, params, overwrite=os.path.lexists(entry) and not checkpoint.is_checkpoint(entry),
@@ -365,7 +349,7 @@ def load(name_or_path: str | os.PathLike, architecture: str | None = None, dtype
     info = checkpoint.read_metadata(entry)
     module = checkpoint.build_module(entry, dtype, param_dtype, **module_options)
     params = checkpoint.restore_params(entry, module, sharding)
-    params = init_new(module, params, info["new_paths"], rng, sharding)
+    params = checkpoint.init_new(module, params, info["new_paths"], rng, sharding)
     _warn(name, source.label, info)
     return module, (scan_params(params) if module.scan_layers else params)
 
@@ -374,14 +358,14 @@ def _orbax_as(source: Source, name: str, dtype, param_dtype, sharding, rng, modu
     """An Orbax checkpoint of one class loaded as another, through the transformers naming (on the host)."""
     stored = checkpoint.build_module(source.directory)
     choose_architecture(stored.config.to_dict(), name, source.label)
-    host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    state_dict = registry.to_transformers_state_dict(stored, checkpoint.restore_params(source.directory, stored, host))
+    params = checkpoint.restore_params(source.directory, stored, checkpoint.host_sharding())
+    state_dict = registry.to_transformers_state_dict(stored, params)
     config = stored.config.replace(architectures=(name,))
     cls = registry.model_class(name)
     params, info = params_for(cls(config=config), state_dict, source.label)
     _warn(name, source.label, info)
     module = cls(config=config, dtype=dtype or np.float32, param_dtype=param_dtype or np.float32, **module_options)
-    params = init_new(module, checkpoint.put(params, module, sharding), info["new_paths"], rng, sharding)
+    params = checkpoint.init_new(module, checkpoint.put(params, module, sharding), info["new_paths"], rng, sharding)
     return module, (scan_params(params) if module.scan_layers else params)
 
 
@@ -398,7 +382,7 @@ def convert_to_orbax(src: str, dst: str, architecture: str | None = None, overwr
     name = choose_architecture(read_config(source.directory), architecture, source.label)
     module, params, info = _convert(source, name, {})
     _warn(name, source.label, info)
-    params = init_new(module, params, info["new_paths"], rng, jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0]))
+    params = checkpoint.init_new(module, params, info["new_paths"], rng, checkpoint.host_sharding())
     return checkpoint.save(dst, module, params, overwrite, metadata={"source": source.key})
 
 
@@ -411,8 +395,8 @@ def save_transformers(directory: str, module, params, overwrite: bool = False) -
     state_dict = registry.to_transformers_state_dict(module, params)
     for key in registry.weight_table(name, module.config).tied:
         state_dict.pop(key, None)
-    state_dict = {k: (v.astype(np.float32) if v.dtype.name == "bfloat16" else v)
-                  for k, v in state_dict.items()}
+    # numpy-safetensors has no bfloat16: such params (param_dtype=bfloat16) are written as float32
+    state_dict = {k: (v.astype(np.float32) if v.dtype.name == "bfloat16" else v) for k, v in state_dict.items()}
     import safetensors.numpy
     with checkpoint.atomic_directory(directory, overwrite) as tmp:
         module.config.replace(architectures=(name,)).to_json_file(os.path.join(tmp, "config.json"))
@@ -427,5 +411,5 @@ def convert_to_transformers(src: str, dst: str, overwrite: bool = False) -> str:
     if not checkpoint.is_checkpoint(src):
         raise FileNotFoundError(f"{os.path.abspath(src)} is not a flax_data2vec Orbax checkpoint "
                                 f"(no {checkpoint.MARKER})")
-    module, params = checkpoint.restore(src, sharding=jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0]))
+    module, params = checkpoint.restore(src, sharding=checkpoint.host_sharding())
     return save_transformers(dst, module, params, overwrite)

@@ -97,10 +97,10 @@ def to_state_dict(params: Mapping, table: WeightTable) -> dict[str, np.ndarray]:
             raise KeyError(f"no PyTorch name for flax parameter {path!r}")
         special = _special(path, table)
         if special is not None:
-            out[name] = np.ascontiguousarray(special.to_torch(value))
+            out[name] = np.array(special.to_torch(value), copy=True, order="C")
         else:
             _, converted = _leaf_to_torch(path.rpartition("/")[2], value)
-            out[name] = np.ascontiguousarray(converted)
+            out[name] = np.array(converted, copy=True, order="C")
     for torch_key, source in table.tied.items():
         if source in flat:
             out[torch_key] = out[torch_name(source, table)]

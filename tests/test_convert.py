@@ -5,15 +5,23 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import transformers
+from test_hub import (
+    ROOT,
+    inputs_for,
+    main_output,
+    save_torch,
+    tiny_torch_model,
+    truncate,
+)
 
 import flax_data2vec as fd
 from flax_data2vec import checkpoint, hub, registry
-from test_hub import ROOT, inputs_for, main_output, save_torch, tiny_torch_model
 
 AUTO = {
     "Data2VecAudioModel": "AutoModel", "Data2VecAudioForCTC": "AutoModelForCTC",
@@ -45,8 +53,9 @@ def private_cache(tmp_path, monkeypatch):
 
 
 def cli(name: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, os.path.join(ROOT, "convert", f"{name}.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": ""})
+    command = [sys.executable, os.path.join(ROOT, "convert", f"{name}.py"), *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, check=False,
+                          env={**os.environ, "PYTHONPATH": ""})  # the script finds the package itself
 
 
 def test_every_class_round_trips_bit_exact(tmp_path):
@@ -58,7 +67,7 @@ def test_every_class_round_trips_bit_exact(tmp_path):
         assert TO_ORBAX.main([save_torch(tmodel, src), str(orbax)]) == 0
         assert TO_TORCH.main([str(orbax), str(back)]) == 0
         assert sorted(os.listdir(tmp_path / name)) == ["back", "hf", "orbax"]  # no temp dirs left
-        config = json.load(open(back / "config.json"))
+        config = json.loads((back / "config.json").read_text())
         assert config["architectures"] == [name] and config["model_type"] == tmodel.config.model_type
         loaded, info = getattr(transformers, name).from_pretrained(back, output_loading_info=True)
         assert not any(info.values()), f"{name}: {info}"  # no missing / unexpected / mismatched keys
@@ -72,18 +81,21 @@ def test_every_class_round_trips_bit_exact(tmp_path):
             assert np.array_equal(main_output(auto(x)), main_output(tmodel(x))), name
 
 
-def test_round_trip_of_bin_checkpoint_with_tied_weights(tmp_path):
+@pytest.mark.parametrize("tied", [True, False])
+def test_round_trip_of_bin_checkpoint_lm_decoder(tmp_path, tied):
     """Old .bin files store the tied decoder weight; the written safetensors leaves it out, as transformers does."""
     import safetensors.numpy
-    tmodel = tiny_torch_model("Data2VecTextForMaskedLM")
+    tmodel = tiny_torch_model("Data2VecTextForMaskedLM", tie_word_embeddings=tied)
     assert TO_ORBAX.main([save_torch(tmodel, tmp_path / "hf", "bin"), str(tmp_path / "orbax")]) == 0
     assert TO_TORCH.main([str(tmp_path / "orbax"), str(tmp_path / "back")]) == 0
     stored = safetensors.numpy.load_file(tmp_path / "back" / "model.safetensors")
-    assert "lm_head.decoder.weight" not in stored and "lm_head.bias" in stored
+    assert ("lm_head.decoder.weight" in stored) == (not tied) and "lm_head.bias" in stored
     loaded, info = transformers.Data2VecTextForMaskedLM.from_pretrained(tmp_path / "back", output_loading_info=True)
     assert not any(info.values()), info
-    assert loaded.lm_head.decoder.weight.data_ptr() == loaded.data2vec_text.embeddings.word_embeddings.weight.data_ptr()
-    assert torch.equal(loaded.lm_head.decoder.weight, tmodel.lm_head.decoder.weight)
+    embeddings = loaded.data2vec_text.embeddings.word_embeddings.weight
+    assert (loaded.lm_head.decoder.weight.data_ptr() == embeddings.data_ptr()) == tied
+    want, got = tmodel.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
 
 def test_base_checkpoint_converted_to_head_class(tmp_path, capsys):
@@ -120,9 +132,7 @@ def test_help():
 
 def _truncated(tmp_path):
     path = save_torch(tiny_torch_model("Data2VecAudioModel"), tmp_path / "hf")
-    weights = os.path.join(path, "model.safetensors")
-    data = open(weights, "rb").read()
-    open(weights, "wb").write(data[:100])
+    truncate(os.path.join(path, "model.safetensors"), keep=100)
     return path
 
 
@@ -130,12 +140,13 @@ def _truncated(tmp_path):
 def test_cli_failures_print_one_line(tmp_path, case):
     dst = tmp_path / "dst"
     if case == "unknown name":
-        proc, want = cli("pytorch_to_orbax", "data2vec-audio-bse", dst), "error: unknown model name " \
-            "'data2vec-audio-bse'; did you mean data2vec-audio-base"
+        proc = cli("pytorch_to_orbax", "data2vec-audio-bse", dst)
+        want = "error: unknown model name 'data2vec-audio-bse'; did you mean data2vec-audio-base"
     elif case == "dst exists":
         dst.mkdir()
         (dst / "keep.txt").write_text("mine")
-        proc, want = cli("pytorch_to_orbax", tmp_path / "nowhere", dst), f"error: {dst} already exists; pass --overwrite"
+        proc = cli("pytorch_to_orbax", tmp_path / "nowhere", dst)
+        want = f"error: {dst} already exists; pass --overwrite"
     elif case == "truncated":
         src = _truncated(tmp_path)
         proc, want = cli("pytorch_to_orbax", src, dst), f"error: cannot read {src}/model.safetensors: it is corrupted"
@@ -164,12 +175,15 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_checkpoint_directory_writes_are_atomic(tmp_path):
     """A failing write leaves neither the destination nor its temp dir; a dead writer's temp dir is cleaned."""
     dst = tmp_path / "out"
-    with pytest.raises(RuntimeError):
-        with checkpoint.atomic_directory(dst) as tmp:
-            open(os.path.join(tmp, "half"), "w").write("x")
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), checkpoint.atomic_directory(dst) as tmp:
+        Path(tmp, "half").write_text("x")
+        raise RuntimeError("killed")
     assert os.listdir(tmp_path) == []
     os.makedirs(tmp_path / "out.tmp-999999999")
     with checkpoint.atomic_directory(dst) as tmp:
-        open(os.path.join(tmp, "whole"), "w").write("x")
+        Path(tmp, "whole").write_text("x")
+    assert sorted(os.listdir(tmp_path)) == ["out"] and os.listdir(dst) == ["whole"]
+    # killed between moving the old `out` aside and moving the new one in: the old one comes back
+    os.replace(dst, tmp_path / "out.old-999999999")
+    checkpoint.remove_stale_writes(dst)
     assert sorted(os.listdir(tmp_path)) == ["out"] and os.listdir(dst) == ["whole"]
