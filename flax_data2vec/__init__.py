@@ -6,6 +6,7 @@ from .audio_heads import (
     Data2VecAudioForCTC,
     Data2VecAudioForSequenceClassification,
     Data2VecAudioForXVector,
+    feature_encoder_labels,
 )
 from .config import Data2VecAudioConfig, Data2VecTextConfig
 from .text import Data2VecTextModel

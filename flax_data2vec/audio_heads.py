@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
 
 from .audio import Data2VecAudioModel, conv_output_lengths, feature_attention_mask
 from .base import ModelOptions
@@ -249,3 +250,17 @@ def audio_weight_table(class_name: str) -> WeightTable:
         r"objective": Special("objective.weight", lambda w: w, lambda w, shape: w),
     }
     return WeightTable(rules, specials)
+
+
+def is_feature_encoder_param(path: tuple[str, ...]) -> bool:
+    """True for the CNN feature encoder's params (not the x-vector head's `feature_extractor` Linear)."""
+    return "feature_extractor" in path and any(p.startswith("conv_layers_") for p in path)
+
+
+def feature_encoder_labels(params) -> dict:
+    """'frozen' for the CNN feature encoder's params, 'train' elsewhere: labels for `optax.multi_transform`.
+
+    Pair with `freeze_feature_encoder=True` on the module, which also skips the CNN's backward pass.
+    """
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict({k: "frozen" if is_feature_encoder_param(k) else "train" for k in flat})

@@ -88,7 +88,16 @@ def resolve(name_or_path: str | os.PathLike, revision: str | None = None) -> Sou
                      "or give a hub repo id (owner/name) or a local directory")
 
 
+def training_output_model(path: str) -> str:
+    """A `train_tpu.py` output directory stands for the final model it wrote to `<dir>/model`."""
+    inner = os.path.join(path, "model")
+    if not checkpoint.is_checkpoint(path) and checkpoint.is_checkpoint(inner):
+        return inner
+    return path
+
+
 def _local_source(path: str) -> Source:
+    path = training_output_model(path)
     if checkpoint.is_checkpoint(path):
         return Source(path, "orbax", path)
     config = os.path.join(path, "config.json")
@@ -408,6 +417,7 @@ def convert_to_transformers(src: str, dst: str, overwrite: bool = False) -> str:
     """An Orbax checkpoint written by this package -> a transformers directory at `dst`."""
     if os.path.lexists(dst) and not overwrite:
         raise FileExistsError(f"{os.path.abspath(dst)} already exists; pass --overwrite to replace it")
+    src = training_output_model(os.fspath(src))
     if not checkpoint.is_checkpoint(src):
         raise FileNotFoundError(f"{os.path.abspath(src)} is not a flax_data2vec Orbax checkpoint "
                                 f"(no {checkpoint.MARKER})")

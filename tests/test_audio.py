@@ -240,3 +240,31 @@ def test_bad_labels():
     _, module, params = build("Data2VecAudioForSequenceClassification")
     with pytest.raises(ValueError, match=r"labels must have shape \(3,\)"):
         module.apply({"params": params}, x, mask, np.zeros((3, 2), np.int32))
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_every_class_jits(name):
+    _, module, params = build(name)
+    x, mask = audio_batch()
+    eager = module.apply({"params": params}, x, mask)
+    jitted = jax.jit(lambda p, a, m: module.apply({"params": p}, a, m))(params, x, mask)
+    close(eager.logits if name != "Data2VecAudioModel" else eager.last_hidden_state,
+          jitted.logits if name != "Data2VecAudioModel" else jitted.last_hidden_state, "jit")
+
+
+def test_feature_encoder_freezing():
+    """The module switch stops gradients at the CNN; the optax mask keeps its params fixed."""
+    import optax
+    _, module, params = build("Data2VecAudioForCTC")
+    x, mask = audio_batch()
+    labels = np.random.default_rng(0).integers(1, SMALL["vocab_size"], (3, 4))
+    frozen = module.clone(freeze_feature_encoder=True)
+    grads = jax.grad(lambda p: frozen.apply({"params": p}, x, mask, labels).loss)(params)
+    cnn = grads["data2vec_audio"]["feature_extractor"]
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree_util.tree_leaves(cnn))
+    tx = optax.multi_transform({"train": optax.adamw(1e-3), "frozen": optax.set_to_zero()},
+                               fd.feature_encoder_labels(params))
+    updates, _ = tx.update(grads, tx.init(params), params)
+    assert all(float(jnp.abs(u).max()) == 0.0
+               for u in jax.tree_util.tree_leaves(updates["data2vec_audio"]["feature_extractor"]))
+    assert float(jnp.abs(updates["lm_head"]["kernel"]).max()) > 0

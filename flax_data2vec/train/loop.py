@@ -222,18 +222,25 @@ class Trainer:
 
         self.data_position = self.train_iter.state()
         loader = prefetch(produce(), size=4)
-        t0, units, unit_name, n_steps = time.perf_counter(), 0.0, "", 0
+        t0, units, unit_name, n_steps, window = time.perf_counter(), 0.0, "", 0, None
         try:
             for step in range(start_step, cfg.max_steps):
                 self.data_position, batch = next(loader)
                 unit_name, amount = self.task.throughput_unit(batch)
                 self.state, metrics = self.train_step(self.state, self.to_device(batch))
+                if cfg.parallel == "pmap":
+                    metrics = parallel.unreplicate(metrics)
+                # running sums stay on device (no sync per step); logged values are interval means
+                window = metrics if n_steps == 0 else jax.tree_util.tree_map(jnp.add, window, metrics)
                 units, n_steps = units + amount, n_steps + 1
                 done = step + 1
                 if done % cfg.log_every == 0 or done == cfg.max_steps:
-                    m = jax.device_get(parallel.unreplicate(metrics) if cfg.parallel == "pmap" else metrics)
+                    last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    m = {k: float(v) / n_steps for k, v in jax.device_get(window).items()}
+                    for k in ("learning_rate", "skipped_steps", "ema_decay"):  # point values, not means
+                        if k in last:
+                            m[k] = last[k]
                     elapsed = time.perf_counter() - t0
-                    m = {k: float(v) for k, v in m.items()}
                     m[f"{unit_name}_per_s"] = units / elapsed
                     m["samples_per_s"] = n_steps * cfg.batch_size / elapsed
                     t0, units, n_steps = time.perf_counter(), 0.0, 0

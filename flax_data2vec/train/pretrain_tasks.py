@@ -52,11 +52,11 @@ class AudioStudent(nn.Module):
                                   name="regression_head")(last)
         return pred, hidden, frame_mask
 
-    def teacher_layers(self, teacher_params, hidden, frame_mask):
-        """FFN outputs of every teacher layer on the unmasked features (eval mode, no gradient)."""
-        enc = AudioEncoder(self.config, **self.options)
-        _, _, extras = enc.apply({"params": teacher_params}, jax.lax.stop_gradient(hidden), frame_mask, True)
-        return [e[2] for e in extras]
+
+def audio_teacher_layers(encoder: AudioEncoder, teacher_params, hidden, frame_mask):
+    """FFN outputs of every teacher layer on the unmasked features (eval mode, no gradient)."""
+    _, _, extras = encoder.apply({"params": teacher_params}, jax.lax.stop_gradient(hidden), frame_mask, True)
+    return [e[2] for e in extras]
 
 
 class TextStudent(nn.Module):
@@ -78,11 +78,12 @@ class TextStudent(nn.Module):
         teacher_in = jax.lax.stop_gradient(embeddings(target_ids, None, None, 0, True))
         return pred, teacher_in, attention_mask
 
-    def teacher_layers(self, teacher_params, hidden, attention_mask):
-        enc = TextEncoder(self.config, **self.options)
-        _, _, extras = enc.apply({"params": teacher_params}, hidden, mask_to_bias_mask(attention_mask), None, None,
+
+def text_teacher_layers(encoder: TextEncoder, teacher_params, hidden, attention_mask):
+    """FFN outputs of every teacher layer on the unmasked sentence's embeddings (eval mode)."""
+    _, _, extras = encoder.apply({"params": teacher_params}, hidden, mask_to_bias_mask(attention_mask), None, None,
                                  True)
-        return [e[2] for e in extras]
+    return [e[2] for e in extras]
 
 
 class _PretrainTask(Task):
@@ -116,6 +117,7 @@ class _PretrainTask(Task):
                        scan_layers=cfg.scan_layers, remat=cfg.remat,
                        attention_implementation=cfg.attention_implementation or None)
         self.student = student_cls(config, self.pretrain, options)
+        self.teacher_encoder = self.encoder_cls(config, **options)
         params = self.student.init({"params": jax.random.PRNGKey(cfg.seed)}, *self._dummy())["params"]
         if self.encoder_params is not None:  # continue pre-training a checkpoint: its encoder, a fresh head
             params = {**self.encoder_params, "regression_head": params["regression_head"]}
@@ -146,7 +148,7 @@ class _PretrainTask(Task):
         pred, teacher_in, mask_for_teacher = self.student.apply(
             {"params": params}, *self._student_inputs(batch), deterministic=not train,
             rngs={"dropout": rng} if train else None)
-        layers = self.student.teacher_layers(extra["teacher"], teacher_in, mask_for_teacher)
+        layers = self.teacher_layers(self.teacher_encoder, extra["teacher"], teacher_in, mask_for_teacher)
         targets = d2v.make_targets(layers, self.pretrain.top_k, self.pretrain.target_norm,
                                    final_norm=self.pretrain.final_target_norm)
         _, sample_size, stats = d2v.data2vec_loss(pred, targets, batch["mask"], self.pretrain.loss_beta,
@@ -179,6 +181,8 @@ class AudioPretrainTask(_PretrainTask):
 
     released = d2v.Data2VecPretrainConfig.audio()
     base_architecture = "Data2VecAudioModel"
+    encoder_cls = AudioEncoder
+    teacher_layers = staticmethod(audio_teacher_layers)
 
     def setup(self, shard_index=0, num_shards=1):
         cfg = self.cfg
@@ -227,6 +231,8 @@ class TextPretrainTask(_PretrainTask, _TextTask):
 
     released = d2v.Data2VecPretrainConfig.text()
     base_architecture = "Data2VecTextModel"
+    encoder_cls = TextEncoder
+    teacher_layers = staticmethod(text_teacher_layers)
 
     def setup(self, shard_index=0, num_shards=1):
         cfg = self.cfg

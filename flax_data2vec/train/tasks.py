@@ -19,6 +19,7 @@ import optax
 
 from .. import registry
 from ..audio import conv_output_lengths
+from ..audio_heads import is_feature_encoder_param
 from ..config import Data2VecAudioConfig, Data2VecTextConfig
 from ..ctc import ctc_loss
 from . import data as data_lib
@@ -26,9 +27,11 @@ from .config import REPO_DATA, TrainConfig
 from .optim import make_schedule
 
 AUDIO_PRESETS = {
-    "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256,
-                 conv_dim=(128,) * 7, num_conv_pos_embedding_groups=16, layerdrop=0.0, hidden_dropout=0.0,
-                 activation_dropout=0.0, attention_dropout=0.0, final_dropout=0.0),
+    # small enough to leave CTC's all-blank plateau within ~150 steps from scratch on CPU (4 layers or a
+    # 128-wide CNN stay on it for hundreds of steps, in transformers' PyTorch model too)
+    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                 conv_dim=(64,) * 7, num_conv_pos_embedding_groups=16, layerdrop=0.0, hidden_dropout=0.0,
+                 activation_dropout=0.0, attention_dropout=0.0, final_dropout=0.0, mask_time_min_masks=0),
     "base": {},
     "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
 }
@@ -185,7 +188,7 @@ class _AudioTask(Task):
             drop_remainder=False, shard_index=shard_index, num_shards=num_shards, num_workers=cfg.num_workers)
 
     def frozen(self, path):
-        return self._freeze_cnn and "feature_extractor" in path[:2]
+        return self._freeze_cnn and is_feature_encoder_param(path)
 
     @property
     def _freeze_cnn(self) -> bool:
@@ -197,8 +200,12 @@ class CTCTask(_AudioTask):
 
     architecture: str = "Data2VecAudioForCTC"
     best_metric: str = "eval_cer"
-    default_lr: float = 5e-4
     default_schedule: str = "tri_stage"
+
+    @property
+    def default_lr(self) -> float:
+        """1e-3 from scratch; 1e-4 when fine-tuning a checkpoint (fairseq base_960h)."""
+        return 1e-3 if self.cfg.model in PRESETS else 1e-4
 
     def setup(self, shard_index=0, num_shards=1):
         cfg = self.cfg
