@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import Data2VecAudioConfig
-from .base import ModelOptions
+from .base import ConfigModule, ModelOptions
 from .layers import TransformerStack, gelu, layer_norm, mask_to_bias_mask
 from .outputs import BaseModelOutput
 
@@ -83,12 +83,8 @@ class ConvLayer(nn.Module):
         return gelu(layer_norm(1e-5, "layer_norm", self.dtype, self.param_dtype)(x))
 
 
-class FeatureEncoder(nn.Module):
+class FeatureEncoder(ConfigModule):
     """Raw waveform (batch, samples) -> (batch, frames, conv_dim[-1]) features."""
-
-    config: Data2VecAudioConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, input_values: Array) -> Array:
@@ -99,12 +95,8 @@ class FeatureEncoder(nn.Module):
         return x
 
 
-class PositionalConvEmbedding(nn.Module):
+class PositionalConvEmbedding(ConfigModule):
     """`num_conv_pos_embeddings` grouped convs, each -> parameter-free LayerNorm -> GELU (no weight norm)."""
-
-    config: Data2VecAudioConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -121,12 +113,8 @@ class PositionalConvEmbedding(nn.Module):
         return x
 
 
-class Adapter(nn.Module):
+class Adapter(ConfigModule):
     """Optional down-sampler after the encoder: [Linear + LN] then strided conv + GLU layers."""
-
-    config: Data2VecAudioConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -144,15 +132,8 @@ class Adapter(nn.Module):
         return x
 
 
-class AudioEncoder(nn.Module):
+class AudioEncoder(ModelOptions):
     """Positional convs + LayerNorm + dropout, then the Transformer layers (padded frames zeroed first)."""
-
-    config: Data2VecAudioConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    scan_layers: bool = False
-    remat: bool = False
-    attention_implementation: str | None = None
 
     @nn.compact
     def __call__(self, x: Array, frame_mask: Array | None, deterministic: bool = True,
@@ -265,12 +246,8 @@ class Data2VecAudioModel(ModelOptions):
         return self.make_rng("mask") if self.has_rng("mask") else self.make_rng("dropout")
 
 
-class FeatureProjection(nn.Module):
+class FeatureProjection(ConfigModule):
     """LayerNorm(conv features) -> Linear to hidden size -> dropout; also returns the normed features."""
-
-    config: Data2VecAudioConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, features: Array, deterministic: bool = True):

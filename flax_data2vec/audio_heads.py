@@ -9,12 +9,12 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 from flax import traverse_util
 
 from .audio import Data2VecAudioModel, conv_output_lengths, feature_attention_mask
 from .base import ModelOptions
 from .ctc import ctc_loss
+from .losses import cross_entropy
 from .layers import weighted_layer_sum
 from .outputs import HeadOutput, XVectorOutput
 from .weights import Special, WeightTable, prefixed
@@ -31,15 +31,6 @@ def _check_labels(labels, shape: tuple, name: str, upper: int | None = None) -> 
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(labels.shape)}")
     if upper is not None and _is_concrete(labels) and labels.size and int(jnp.max(labels)) >= upper:
         raise ValueError(f"{name} values must be < {upper}, got max {int(jnp.max(labels))}")
-
-
-def cross_entropy(logits: Array, labels: Array, ignore_index: int = -100) -> Array:
-    """Mean cross-entropy over the labels that are not `ignore_index` (torch's CrossEntropyLoss)."""
-    logits = logits.astype(jnp.float32).reshape(-1, logits.shape[-1])
-    labels = labels.reshape(-1)
-    keep = labels != ignore_index
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(keep, labels, 0))
-    return jnp.sum(jnp.where(keep, losses, 0.0)) / jnp.sum(keep)
 
 
 class _AudioHead(ModelOptions):

@@ -8,7 +8,15 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 
-class ModelOptions(nn.Module):
+class ConfigModule(nn.Module):
+    """A submodule built from the model config, computing in `dtype` with params stored in `param_dtype`."""
+
+    config: Any
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+
+class ModelOptions(ConfigModule):
     """Fields every model class takes: the config and the speed switches.
 
     dtype: compute dtype (e.g. bfloat16); param_dtype: storage dtype of parameters (keep float32).
@@ -17,9 +25,6 @@ class ModelOptions(nn.Module):
     attention_implementation: passed to `jax.nn.dot_product_attention` (None/'xla', or 'cudnn' on GPU).
     """
 
-    config: Any
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
     scan_layers: bool = False
     remat: bool = False
     attention_implementation: str | None = None

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .base import ModelOptions
+from .base import ConfigModule, ModelOptions
 from .config import Data2VecTextConfig
 from .layers import TransformerStack, dense, layer_norm, mask_to_bias_mask
 from .outputs import BaseModelOutput
@@ -48,12 +48,8 @@ def _lookup(embed: nn.Embed, ids: Array, padding_idx: int | None) -> Array:
     return jnp.where((ids == padding_idx)[..., None], jax.lax.stop_gradient(out), out)
 
 
-class TextEmbeddings(nn.Module):
+class TextEmbeddings(ConfigModule):
     """word + learned position + token type embeddings -> LayerNorm -> dropout."""
-
-    config: Data2VecTextConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, input_ids: Array, token_type_ids: Array | None, position_ids: Array | None,
@@ -74,16 +70,9 @@ class TextEmbeddings(nn.Module):
         return nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
-class TextEncoder(nn.Module):
+class TextEncoder(ModelOptions):
     """The Transformer stack (torch `encoder.layer.{i}`); causal if `config.is_decoder`, with
     cross-attention to `encoder_hidden_states` when `config.add_cross_attention` and they are given."""
-
-    config: Data2VecTextConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    scan_layers: bool = False
-    remat: bool = False
-    attention_implementation: str | None = None
 
     @nn.compact
     def __call__(self, x: Array, mask: Array | None, encoder_hidden_states: Array | None = None,

@@ -96,31 +96,44 @@ class LMHead(nn.Module):
 class _LMModel(_TextHead):
     """Encoder + LM head; the masked and causal LMs differ only in the loss and the decoder switches."""
 
-    def _lm_logits(self, input_ids, attention_mask, token_type_ids, position_ids, labels, encoder_kw: dict):
+    def _lm_logits(self, input_ids, attention_mask, token_type_ids, position_ids, labels, encoder_kw: dict,
+                   masked_positions=None):
         c: Data2VecTextConfig = self.config
         check_text_inputs(c, input_ids, attention_mask, token_type_ids, position_ids)
-        _check_labels("labels", labels, [tuple(np.shape(input_ids))])
+        if masked_positions is not None:
+            if np.ndim(masked_positions) != 2 or np.shape(masked_positions)[0] != np.shape(input_ids)[0]:
+                raise ValueError(f"masked_positions must have shape (batch, k), got {tuple(np.shape(masked_positions))}")
+        scored = tuple(np.shape(input_ids) if masked_positions is None else np.shape(masked_positions))
+        _check_labels("labels", labels, [scored])
         _check_class_ids("labels", labels, c.vocab_size)
         base = self._encoder()
         out = base(input_ids, attention_mask, token_type_ids, position_ids, **encoder_kw)
         embedding = None
         if c.tie_word_embeddings:
             embedding = base.variables["params"]["embeddings"]["word_embeddings"]["embedding"]
-        logits = LMHead(c, self.dtype, self.param_dtype, name="lm_head")(out.last_hidden_state, embedding)
+        hidden = out.last_hidden_state
+        if masked_positions is not None:  # the head (and its vocabulary matmul) only where it is scored
+            hidden = jnp.take_along_axis(hidden, jnp.asarray(masked_positions, jnp.int32)[..., None], axis=1)
+        logits = LMHead(c, self.dtype, self.param_dtype, name="lm_head")(hidden, embedding)
         return logits, out
 
 
 class Data2VecTextForMaskedLM(_LMModel):
-    """Token logits over the vocabulary; `labels` (batch, seq) with -100 = not scored."""
+    """Token logits over the vocabulary; `labels` (batch, seq) with -100 = not scored.
+
+    `masked_positions` (batch, k) runs the LM head only at those positions (logits (batch, k, vocab),
+    labels (batch, k)): the same loss as the full head with -100 elsewhere, for a fraction of the work.
+    """
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *, labels=None,
-                 encoder_hidden_states=None, encoder_attention_mask=None, deterministic: bool = True,
-                 output_attentions: bool = False, output_hidden_states: bool = False) -> HeadOutput:
+                 masked_positions=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                 deterministic: bool = True, output_attentions: bool = False,
+                 output_hidden_states: bool = False) -> HeadOutput:
         logits, out = self._lm_logits(input_ids, attention_mask, token_type_ids, position_ids, labels, dict(
             encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
             deterministic=deterministic, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states))
+            output_hidden_states=output_hidden_states), masked_positions)
         loss = None if labels is None else losses.cross_entropy(logits, labels)
         return HeadOutput(logits=logits, loss=loss, hidden_states=out.hidden_states, attentions=out.attentions)
 

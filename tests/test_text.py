@@ -440,3 +440,24 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="num_labels == 2"):
         TEXT_MODELS["Data2VecTextForQuestionAnswering"](model.config.replace(num_labels=3)).init(
             jax.random.PRNGKey(0), ids)
+
+
+def test_masked_positions_head_gives_the_full_loss():
+    """The LM head on the masked positions only = the full head with -100 elsewhere."""
+    import flax_data2vec as fd
+    config = fd.Data2VecTextConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=37, max_position_embeddings=40)
+    module = fd.Data2VecTextForMaskedLM(config)
+    params = fd.init_params(module, 0)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 99, (3, 12)).astype(np.int32)
+    positions = np.stack([rng.choice(12, 4, replace=False) for _ in range(3)]).astype(np.int32)
+    targets = rng.integers(3, 99, (3, 4)).astype(np.int32)
+    full_labels = np.full((3, 12), -100, np.int32)
+    np.put_along_axis(full_labels, positions, targets, axis=1)
+    full = module.apply({"params": params}, ids, labels=full_labels)
+    part = module.apply({"params": params}, ids, labels=targets, masked_positions=positions)
+    assert part.logits.shape == (3, 4, 99)
+    np.testing.assert_allclose(float(part.loss), float(full.loss), rtol=1e-6)
+    np.testing.assert_allclose(np.take_along_axis(np.asarray(full.logits), positions[..., None], 1),
+                               np.asarray(part.logits), atol=1e-5)

@@ -52,15 +52,24 @@ def test_default_job_learns(tmp_path):
     assert os.path.isfile(out / "model" / "config.json")
 
 
-def test_devices_agree(tmp_path):
+REFERENCE_ARGS = TEXT_JOB + ["--max-steps", "4", "--save-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """One uninterrupted single-device run that the device and resume tests compare against."""
+    out = tmp_path_factory.mktemp("reference")
+    run(REFERENCE_ARGS + ["--output-dir", str(out)])
+    return out
+
+
+def test_devices_agree(tmp_path, reference_run):
     """1 device, an 8-device jit mesh (data; data x fsdp) and pmap give the same loss curve."""
-    base = TEXT_JOB + ["--max-steps", "4"]
-    run(base + ["--output-dir", str(tmp_path / "one")])
     eight = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    run(base + ["--output-dir", str(tmp_path / "mesh")], eight)
-    run(base + ["--output-dir", str(tmp_path / "fsdp"), "--fsdp", "2"], eight)
-    run(base + ["--output-dir", str(tmp_path / "pmap"), "--parallel", "pmap"], eight)
-    ref = losses(tmp_path / "one")
+    run(REFERENCE_ARGS + ["--output-dir", str(tmp_path / "mesh")], eight)
+    run(REFERENCE_ARGS + ["--output-dir", str(tmp_path / "fsdp"), "--fsdp", "2"], eight)
+    run(REFERENCE_ARGS + ["--output-dir", str(tmp_path / "pmap"), "--parallel", "pmap"], eight)
+    ref = losses(reference_run)
     assert len(ref) == 4 and ref[-1] < ref[0]
     for name in ("mesh", "fsdp", "pmap"):
         np.testing.assert_allclose(losses(tmp_path / name), ref, rtol=2e-5, err_msg=name)
@@ -72,20 +81,18 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_agree_with_one(tmp_path):
+def test_two_processes_agree_with_one(tmp_path, reference_run):
     """jax.distributed on localhost: two CPU processes, each feeding half the batch."""
-    base = TEXT_JOB + ["--max-steps", "3"]
-    run(base + ["--output-dir", str(tmp_path / "one")])
     port = _free_port()
     procs = []
     for pid in range(2):
         env = {**os.environ, "PYTHONPATH": ROOT, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
                "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid), "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
-        procs.append(subprocess.Popen([sys.executable, TRAIN, *base, "--output-dir", str(tmp_path / "two")],
+        procs.append(subprocess.Popen([sys.executable, TRAIN, *REFERENCE_ARGS, "--output-dir", str(tmp_path / "two")],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
-    np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=2e-5)
+    np.testing.assert_allclose(losses(tmp_path / "two"), losses(reference_run), rtol=2e-5)
 
 
 def _final_state(out_dir):
@@ -96,22 +103,22 @@ def _final_state(out_dir):
         return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
 
 
-def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
-    args = TEXT_JOB + ["--max-steps", "8", "--save-every", "3"]
-    run(args + ["--output-dir", str(tmp_path / "straight")])
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path, reference_run):
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": ROOT}
-    proc = subprocess.Popen([sys.executable, TRAIN, *args, "--output-dir", str(killed)], env=env,
+    proc = subprocess.Popen([sys.executable, TRAIN, *REFERENCE_ARGS, "--output-dir", str(killed)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and not os.path.isdir(killed / "checkpoints" / "3"):
-        time.sleep(0.2)
+    while time.time() < deadline and not os.path.isdir(killed / "checkpoints" / "2"):
+        time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert os.path.isdir(killed / "checkpoints" / "3")
-    out = run(args + ["--output-dir", str(killed)])
+    assert os.path.isdir(killed / "checkpoints" / "2")
+    assert not os.path.isdir(killed / "model"), "the run finished before it could be killed"
+    out = run(REFERENCE_ARGS + ["--output-dir", str(killed)])
     assert "resumed from step" in out.stdout
-    a, b = _final_state(tmp_path / "straight"), _final_state(killed)
+    a, b = _final_state(reference_run), _final_state(killed)
+    assert int(a["step"]) == int(b["step"]) == 4
     import jax
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -25,8 +25,11 @@ class _TextTask(Task):
             return AutoTokenizer.from_pretrained(cfg.tokenizer)
         if cfg.model not in PRESETS:
             from transformers import AutoTokenizer
+
+            from ..hub import training_output_model
+            source = training_output_model(cfg.model) if os.path.isdir(cfg.model) else cfg.model
             try:
-                return AutoTokenizer.from_pretrained(cfg.model)
+                return AutoTokenizer.from_pretrained(source)
             except (OSError, ValueError) as e:
                 raise ValueError(f"no tokenizer found with model {cfg.model!r}; pass --tokenizer") from e
         return data_lib.build_small_bpe_tokenizer(corpus, vocab_size=2000)
@@ -107,12 +110,22 @@ class MLMTask(_TextTask):
         self._model({})
 
     def prepare(self, batch, rng):
+        """BERT masking on the host; the scored positions are gathered to a static (batch, k) so that the
+        LM head and its vocabulary matmul run on the ~15 % masked tokens only."""
         tok = self.tokenizer
-        masked, mask = compute_text_mask(batch["input_ids"], rng, mask_token_id=tok.mask_token_id,
+        ids = batch["input_ids"]
+        masked, mask = compute_text_mask(ids, rng, mask_token_id=tok.mask_token_id,
                                          special_ids=tok.all_special_ids, attention_mask=batch["attention_mask"],
                                          vocab_size=len(tok), bert_style=True)
         mask &= batch["example_mask"][:, None].astype(bool)
-        return {**batch, "input_ids": masked, "labels": np.where(mask, batch["input_ids"], -100).astype(np.int32)}
+        k = int(0.15 * ids.shape[1]) + 1  # the sampler masks at most int(0.15 n + u) <= this per row
+        positions = np.zeros((ids.shape[0], k), np.int32)
+        targets = np.full((ids.shape[0], k), -100, np.int32)
+        for row in range(ids.shape[0]):
+            where = np.flatnonzero(mask[row])[:k]
+            positions[row, :len(where)] = where
+            targets[row, :len(where)] = ids[row, where]
+        return {**batch, "input_ids": masked, "positions": positions, "labels": targets}
 
     def eval_batches(self):
         rng = np.random.default_rng([self.cfg.seed, 12345])  # the same masks at every evaluation
@@ -120,7 +133,8 @@ class MLMTask(_TextTask):
 
     def loss(self, params, extra, batch, rng, train):
         out = self.module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                                deterministic=not train, rngs={"dropout": rng} if train else None)
+                                masked_positions=batch["positions"], deterministic=not train,
+                                rngs={"dropout": rng} if train else None)
         labels = batch["labels"]
         keep = labels >= 0
         ce = optax.softmax_cross_entropy_with_integer_labels(out.logits.astype(jnp.float32),

@@ -1,0 +1,89 @@
+"""What the teacher and the EMA cost: a data2vec pre-training step vs the same step without them.
+
+Both variants run the real `train_tpu.py` step (student forward/backward, AdamW) on the same model and
+batch; the data2vec one adds the teacher's forward pass on the unmasked input, the targets and the EMA
+update of the teacher. The ratio is the overhead of the objective.
+
+    python -m benchmarks.pretrain_overhead [--only audio|text] [--quick] [--repeats 5] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.common import Row, base_parser, compile_jit, report, setup, time_interleaved, xla_flops
+from flax_data2vec import pretrain as d2v
+from flax_data2vec.train.config import TrainConfig
+from flax_data2vec.train.loop import make_train_step
+from flax_data2vec.train.optim import TrainState, make_optimizer
+from flax_data2vec.train.pretrain_tasks import AudioPretrainTask, TextPretrainTask
+
+
+def _without_teacher(task):
+    """The same task whose loss regresses zeros instead of the teacher's targets, and has no EMA."""
+    class Plain(type(task)):
+        def loss(self, params, extra, batch, rng, train):
+            pred, _, _ = self.student.apply({"params": params}, *self._student_inputs(batch),
+                                            deterministic=not train, rngs={"dropout": rng} if train else None)
+            _, n, stats = d2v.data2vec_loss(pred, jnp.zeros_like(pred), batch["mask"], self.pretrain.loss_beta,
+                                            self.pretrain.loss_scale)
+            return stats["loss_sum"], n, {}
+
+        def after_update(self, extra, params, step):
+            return extra
+
+    plain = Plain.__new__(Plain)
+    plain.__dict__.update(task.__dict__)
+    return plain
+
+
+def bench(kind: str, args, rows: list) -> None:
+    quick = args.quick
+    model = "tiny" if quick else "base"
+    cfg = TrainConfig(task=f"pretrain-{kind}", model=model, batch_size=2 if quick else 4, n_buckets=1,
+                      max_audio_seconds=2.0 if quick else 10.0, max_text_tokens=64 if quick else 512,
+                      output_dir="/tmp/unused", progress=False)
+    task = (AudioPretrainTask if kind == "audio" else TextPretrainTask)(cfg)
+    task.setup()
+    batch = task.prepare(next(task.train_batches()), np.random.default_rng(0))
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    work = (float(batch["attention_mask"].sum()) / 16000.0) if kind == "audio" else float(batch["attention_mask"].sum())
+    unit = "audio-s" if kind == "audio" else "tokens"
+    fns, compile_s, flops = {}, {}, {}
+    for name, t in (("data2vec step", task), ("plain step", _without_teacher(task))):
+        sched = t.make_schedule()
+        tx = make_optimizer(cfg, sched, t.params, adam_eps=t.pretrain.adam_eps, clip_norm=t.pretrain.clip_norm)
+        state = TrainState(jnp.zeros((), jnp.int32), t.params, tx.init(t.params), jax.random.PRNGKey(0),
+                           t.init_extra(t.params))
+        step = jax.jit(make_train_step(t, tx, sched, 1))
+        compiled, compile_s[name] = compile_jit(step, state, batch)
+        flops[name] = xla_flops(compiled)
+
+        def run(compiled=compiled, state=state):
+            jax.block_until_ready(compiled(state, batch))
+        fns[name] = run
+    timings = time_interleaved(fns, args.warmup, args.repeats, compile_s)
+    shape = {k: tuple(v.shape) for k, v in batch.items() if k in ("input_values", "input_ids")}
+    for name in fns:
+        rows.append(Row(f"{kind} {model} pre-training {shape}", name, timings[name], work, unit,
+                        baseline="plain step" if name != "plain step" else None, flops=flops[name]))
+    ratio = timings["data2vec step"].median / timings["plain step"].median
+    print(f"# {kind}: data2vec step / plain step = {ratio:.2f}x")
+
+
+def main(argv=None) -> None:
+    args = base_parser(__doc__.splitlines()[0]).parse_args(argv)
+    info = setup(args)
+    rows: list[Row] = []
+    for kind in ("audio", "text"):
+        if args.only in (None, kind):
+            bench(kind, args, rows)
+    report(rows, info, args)
+
+
+if __name__ == "__main__":
+    main()

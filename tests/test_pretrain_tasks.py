@@ -1,0 +1,69 @@
+"""data2vec pre-training through train_tpu.py: learning, health signals, export into heads, devices agree."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from test_train import ROOT, losses, run
+
+TEXT_NO_DROPOUT = json.dumps({"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0})
+COMMON = ["--progress", "false", "--n-buckets", "1", "--batch-size", "8", "--async-checkpointing", "false"]
+JOBS = {
+    "pretrain-audio": COMMON + ["--task", "pretrain-audio", "--learning-rate", "1e-3"],
+    "pretrain-text": COMMON + ["--task", "pretrain-text", "--max-text-tokens", "64", "--learning-rate", "1e-3",
+                               "--model-config", TEXT_NO_DROPOUT],
+}
+FINETUNE = {"pretrain-audio": ("ctc", "Data2VecAudioForCTC"),
+            "pretrain-text": ("text-classification", "Data2VecTextForSequenceClassification")}
+
+
+@pytest.mark.parametrize("task", sorted(JOBS))
+def test_pretraining_learns_and_fine_tunes(tmp_path, task):
+    out = tmp_path / "pre"
+    run(JOBS[task] + ["--max-steps", "30", "--log-every", "5", "--eval-every", "30", "--output-dir", str(out)])
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    logged = [r for r in rows if "loss" in r]
+    assert logged[-1]["loss"] < 0.7 * logged[0]["loss"], [r["loss"] for r in logged]
+    assert all(r["target_var"] > 0.1 for r in logged)  # above fairseq's collapse threshold
+    assert all(0.999 <= r["ema_decay"] < 0.9999 for r in logged)
+    assert {"learning_rate", "pred_var"} <= set(logged[0])
+
+    import flax_data2vec as fd
+    kind, head = FINETUNE[task]
+    module, params = fd.load(str(out), architecture=head)
+    assert type(module).__name__ == head
+
+    ft = tmp_path / "ft"
+    args = ["--task", kind, "--model", str(out), "--max-steps", "4", "--log-every", "1", "--eval-every", "4",
+            "--batch-size", "8", "--n-buckets", "1", "--progress", "false", "--output-dir", str(ft)]
+    if kind == "text-classification":
+        args += ["--max-text-tokens", "64"]
+    run(args)
+    assert len(losses(ft)) == 4
+
+
+def test_pretraining_devices_agree(tmp_path):
+    """Student, teacher and EMA in one step: 1 device == 8-device jit mesh == pmap."""
+    args = JOBS["pretrain-audio"] + ["--max-steps", "3", "--log-every", "1", "--eval-every", "1000",
+                                     "--max-audio-seconds", "1.0"]
+    run(args + ["--output-dir", str(tmp_path / "one")])
+    eight = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    run(args + ["--output-dir", str(tmp_path / "mesh")], eight)
+    run(args + ["--output-dir", str(tmp_path / "pmap"), "--parallel", "pmap"], eight)
+    ref = losses(tmp_path / "one")
+    for name in ("mesh", "pmap"):
+        np.testing.assert_allclose(losses(tmp_path / name), ref, rtol=2e-5, err_msg=name)
+
+
+def test_collapse_guard_stops_the_run(tmp_path):
+    from flax_data2vec.pretrain import Data2VecPretrainConfig
+    from flax_data2vec.train.config import TrainConfig
+    from flax_data2vec.train.pretrain_tasks import AudioPretrainTask
+    task = AudioPretrainTask(TrainConfig(task="pretrain-audio"))
+    task.pretrain = Data2VecPretrainConfig.audio()
+    task.check_health({"target_var": 0.5, "pred_var": 0.5}, 6000)
+    with pytest.raises(RuntimeError, match="collapse"):
+        task.check_health({"target_var": 0.01, "pred_var": 0.5}, 6000)
+    assert os.path.isdir(ROOT)
