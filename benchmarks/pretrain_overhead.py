@@ -9,8 +9,6 @@ update of the teacher. The ratio is the overhead of the objective.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -9,6 +9,8 @@ from .audio_heads import (
     feature_encoder_labels,
 )
 from .config import Data2VecAudioConfig, Data2VecTextConfig
+from .hub import load, save
+from .registry import from_transformers, init_params, model_class, to_transformers_state_dict
 from .text import Data2VecTextModel
 from .text_heads import (
     Data2VecTextForCausalLM,
@@ -18,7 +20,15 @@ from .text_heads import (
     Data2VecTextForSequenceClassification,
     Data2VecTextForTokenClassification,
 )
-from .hub import load, save
-from .registry import from_transformers, init_params, model_class, to_transformers_state_dict
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "Data2VecAudioConfig", "Data2VecTextConfig",
+    "Data2VecAudioModel", "Data2VecAudioForCTC", "Data2VecAudioForSequenceClassification",
+    "Data2VecAudioForAudioFrameClassification", "Data2VecAudioForXVector",
+    "Data2VecTextModel", "Data2VecTextForCausalLM", "Data2VecTextForMaskedLM", "Data2VecTextForSequenceClassification",
+    "Data2VecTextForMultipleChoice", "Data2VecTextForTokenClassification", "Data2VecTextForQuestionAnswering",
+    "from_transformers", "to_transformers_state_dict", "init_params", "model_class", "feature_encoder_labels",
+    "load", "save",
+]

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import Data2VecAudioConfig
 from .base import ConfigModule, ModelOptions
+from .config import Data2VecAudioConfig
 from .layers import TransformerStack, gelu, layer_norm, mask_to_bias_mask
 from .outputs import BaseModelOutput
 

@@ -14,8 +14,8 @@ from flax import traverse_util
 from .audio import Data2VecAudioModel, conv_output_lengths, feature_attention_mask
 from .base import ModelOptions
 from .ctc import ctc_loss
-from .losses import cross_entropy
 from .layers import weighted_layer_sum
+from .losses import cross_entropy
 from .outputs import HeadOutput, XVectorOutput
 from .weights import Special, WeightTable, prefixed
 
@@ -118,7 +118,7 @@ class Data2VecAudioForSequenceClassification(_AudioHead):
 
 
 class Data2VecAudioForAudioFrameClassification(_AudioHead):
-    """Per-frame Linear(num_labels); labels are (batch, frames, num_labels) one-/multi-hot, argmax'd as the reference."""
+    """Per-frame Linear(num_labels); labels (batch, frames, num_labels) are one-/multi-hot, argmax'd as torch."""
 
     @nn.compact
     def __call__(self, input_values, attention_mask=None, labels=None, *, deterministic: bool = True,

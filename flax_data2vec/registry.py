@@ -137,7 +137,7 @@ def from_transformers(torch_model, **module_options) -> tuple[Any, dict]:
         module = module.clone(add_pooling_layer=False)
     params, report = params_from_state_dict(module, torch_model.state_dict())
     if report.unexpected:
-        warnings.warn(f"{name}: state-dict entries not used: {', '.join(report.unexpected)}")
+        warnings.warn(f"{name}: state-dict entries not used: {', '.join(report.unexpected)}", stacklevel=2)
     return module, params
 
 

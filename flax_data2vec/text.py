@@ -7,8 +7,6 @@ incremental decoding against the flax `cache` collection (see `init_cache`).
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

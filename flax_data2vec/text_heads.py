@@ -102,7 +102,8 @@ class _LMModel(_TextHead):
         check_text_inputs(c, input_ids, attention_mask, token_type_ids, position_ids)
         if masked_positions is not None:
             if np.ndim(masked_positions) != 2 or np.shape(masked_positions)[0] != np.shape(input_ids)[0]:
-                raise ValueError(f"masked_positions must have shape (batch, k), got {tuple(np.shape(masked_positions))}")
+                raise ValueError("masked_positions must have shape (batch, k), got "
+                                 f"{tuple(np.shape(masked_positions))}")
         scored = tuple(np.shape(input_ids) if masked_positions is None else np.shape(masked_positions))
         _check_labels("labels", labels, [scored])
         _check_class_ids("labels", labels, c.vocab_size)

@@ -9,7 +9,7 @@ import transformers
 
 import flax_data2vec as fd
 from flax_data2vec.audio_heads import audio_weight_table
-from flax_data2vec.weights import from_state_dict, scan_params, to_state_dict
+from flax_data2vec.weights import scan_params, to_state_dict
 
 TOL = 1e-4
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,

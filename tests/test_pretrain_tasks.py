@@ -5,7 +5,6 @@ import os
 
 import numpy as np
 import pytest
-
 from test_train import ROOT, losses, run
 
 TEXT_NO_DROPOUT = json.dumps({"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0})

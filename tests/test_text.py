@@ -19,8 +19,7 @@ transformers = pytest.importorskip("transformers")
 from flax_data2vec import losses  # noqa: E402
 from flax_data2vec.config import Data2VecTextConfig  # noqa: E402
 from flax_data2vec.text import init_cache, position_ids_from_input_ids  # noqa: E402
-from flax_data2vec.text_heads import (  # noqa: E402
-    TEXT_MODELS, TEXT_WEIGHT_TABLES, text_param_shapes, text_weight_table)
+from flax_data2vec.text_heads import TEXT_MODELS, TEXT_WEIGHT_TABLES, text_param_shapes, text_weight_table  # noqa: E402
 from flax_data2vec.weights import from_state_dict, scan_params, to_state_dict  # noqa: E402
 
 TOL = 1e-4
@@ -32,7 +31,7 @@ LENGTHS = (T, T - 3, T - 1)  # right padding on rows 1 and 2
 
 # ---------------------------------------------------------------------------------------------------------------
 # helpers
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_pair(class_name: str, **overrides):
     """(torch model in eval mode, flax module, flax params converted from the torch state dict)."""
     kw = {**SMALL, **overrides}

@@ -42,13 +42,13 @@ def test_help_lists_every_option():
 def test_default_job_learns(tmp_path):
     """The no-argument job (tiny CTC on the shipped speech data), bounded: CER falls well below its start."""
     out = tmp_path / "ctc"
-    run(["--max-steps", "240", "--eval-every", "120", "--log-every", "40", "--progress", "false",
+    run(["--max-steps", "600", "--eval-every", "300", "--log-every", "50", "--n-buckets", "2", "--progress", "false",
          "--output-dir", str(out)], timeout=1500)
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     cers = [r["eval_cer"] for r in rows if "eval_cer" in r]
     train_losses = [r["loss"] for r in rows if "loss" in r]
     assert train_losses[-1] < 0.5 * train_losses[0]
-    assert cers[-1] < 0.6, cers  # from 1.0 (all blanks) at the start
+    assert cers[0] > 0.9 and cers[-1] < 0.75, cers  # 1.0 = all blanks; ~0.55 reached at step 600 here
     assert os.path.isfile(out / "model" / "config.json")
 
 

@@ -33,17 +33,17 @@ class TrainConfig:
     tokenizer: str = ""  # text tasks: a transformers tokenizer dir/name; empty: a BPE built on the train text
     max_audio_seconds: float = 15.0
     max_text_tokens: int = 128
-    n_buckets: int = 4  # distinct padded lengths, so XLA compiles at most this many step shapes
+    n_buckets: int = 3  # distinct padded lengths, so XLA compiles at most this many step shapes
     num_workers: int = 2  # background audio-decoding threads
     # optimisation
-    max_steps: int = 300
-    batch_size: int = 16  # global batch (all devices, all hosts)
+    max_steps: int = 1000
+    batch_size: int = 8  # global batch (all devices, all hosts)
     eval_batch_size: int = 32
     grad_accum: int = 1  # micro-batches per step (batch_size must divide by it)
     learning_rate: float = 0.0  # 0: the task's default
     schedule: str = "auto"  # auto (task default), tri_stage, linear, cosine, constant
     warmup_ratio: float = 0.1
-    tri_stage_ratios: tuple[float, float, float] = (0.1, 0.4, 0.5)
+    tri_stage_ratios: tuple[float, ...] = ()  # warm-up/hold/decay fractions; empty: the task's default
     adam_b1: float = 0.9
     adam_b2: float = 0.98
     adam_eps: float = 1e-8
@@ -94,6 +94,8 @@ class TrainConfig:
                 raise ValueError(f"model_config is not valid JSON: {e}") from None
             if not isinstance(overrides, dict):
                 raise ValueError("model_config must be a JSON object of config fields")
+        if self.tri_stage_ratios and (len(self.tri_stage_ratios) != 3 or abs(sum(self.tri_stage_ratios) - 1) > 1e-6):
+            raise ValueError(f"tri_stage_ratios must be 3 fractions summing to 1, got {self.tri_stage_ratios}")
         if self.max_steps <= 0:
             raise ValueError(f"max_steps must be positive, got {self.max_steps}")
 

@@ -27,13 +27,14 @@ class TrainState:
     extra: Any = None
 
 
-def make_schedule(cfg: TrainConfig, default_lr: float, default_schedule: str) -> optax.Schedule:
-    """The learning-rate schedule over `cfg.max_steps` (task defaults where the config says 0/auto)."""
+def make_schedule(cfg: TrainConfig, default_lr: float, default_schedule: str,
+                  default_ratios: tuple[float, float, float] = (0.1, 0.4, 0.5)) -> optax.Schedule:
+    """The learning-rate schedule over `cfg.max_steps` (task defaults where the config says 0/auto/())."""
     lr = cfg.learning_rate or default_lr
     kind = default_schedule if cfg.schedule == "auto" else cfg.schedule
     warmup = int(cfg.warmup_ratio * cfg.max_steps)
     if kind == "tri_stage":
-        return tri_stage_schedule(lr, cfg.max_steps, tuple(cfg.tri_stage_ratios))
+        return tri_stage_schedule(lr, cfg.max_steps, tuple(cfg.tri_stage_ratios) or default_ratios)
     if kind == "cosine":
         return warmup_cosine(lr, warmup, cfg.max_steps)
     if kind == "linear":

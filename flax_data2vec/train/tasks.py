@@ -12,7 +12,6 @@ import json
 import os
 from typing import Any, Iterator
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -20,7 +19,6 @@ import optax
 from .. import registry
 from ..audio import conv_output_lengths
 from ..audio_heads import is_feature_encoder_param
-from ..config import Data2VecAudioConfig, Data2VecTextConfig
 from ..ctc import ctc_loss
 from . import data as data_lib
 from .config import REPO_DATA, TrainConfig
@@ -207,6 +205,11 @@ class CTCTask(_AudioTask):
         """1e-3 from scratch; 1e-4 when fine-tuning a checkpoint (fairseq base_960h)."""
         return 1e-3 if self.cfg.model in PRESETS else 1e-4
 
+    def make_schedule(self):
+        """Tri-stage; from scratch the peak is held longer (CTC leaves its blank plateau late)."""
+        ratios = (0.1, 0.7, 0.2) if self.cfg.model in PRESETS else (0.1, 0.4, 0.5)  # fairseq base_960h
+        return make_schedule(self.cfg, self.default_lr, self.default_schedule, ratios)
+
     def setup(self, shard_index=0, num_shards=1):
         cfg = self.cfg
         train_rows, eval_rows = self._read(shard_index, num_shards)
@@ -309,8 +312,8 @@ class AudioClassificationTask(_AudioTask):
 
 def get_task(cfg: TrainConfig) -> Task:
     """The Task object for `cfg.task`."""
-    from .text_tasks import MLMTask, TextClassificationTask
     from .pretrain_tasks import AudioPretrainTask, TextPretrainTask
+    from .text_tasks import MLMTask, TextClassificationTask
     tasks = {"ctc": CTCTask, "audio-classification": AudioClassificationTask,
              "text-classification": TextClassificationTask, "mlm": MLMTask,
              "pretrain-audio": AudioPretrainTask, "pretrain-text": TextPretrainTask}
