@@ -130,6 +130,16 @@ def structural_options(module) -> dict:
     return out
 
 
+def _this_process_only():
+    """Orbax options for a write done by one process alone (host-side numpy params; no cross-host barrier)."""
+    import orbax.checkpoint as ocp
+    if jax.process_count() == 1:
+        return ocp.options.MultiprocessingOptions()
+    return ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                              active_processes={jax.process_index()},
+                                              barrier_sync_key_prefix=f"save-{jax.process_index()}")
+
+
 def save(directory: str | os.PathLike, module, params, overwrite: bool = False, metadata: dict | None = None) -> str:
     """Write `params` of `module` as an Orbax checkpoint with its config.json; returns the directory."""
     name = type(module).__name__
@@ -141,7 +151,7 @@ def save(directory: str | os.PathLike, module, params, overwrite: bool = False, 
     import orbax.checkpoint as ocp  # imported on use: it is slow to import
     with atomic_directory(directory, overwrite) as tmp:
         config.to_json_file(os.path.join(tmp, "config.json"))
-        with ocp.StandardCheckpointer() as checkpointer:
+        with ocp.StandardCheckpointer(multiprocessing_options=_this_process_only()) as checkpointer:
             checkpointer.save(os.path.join(tmp, "params"), params)
             checkpointer.wait_until_finished()
         with open(os.path.join(tmp, MARKER), "w") as f:  # last: marks the checkpoint complete

@@ -195,7 +195,11 @@ class Trainer:
     def evaluate(self) -> dict:
         outputs = []
         for batch in self.task.eval_batches():
-            outputs.append(jax.device_get(self.eval_step(self.state, self.to_device(batch))))
+            out = self.eval_step(self.state, self.to_device(batch))
+            if jax.process_count() > 1:  # batch-sharded outputs span hosts: gather them everywhere
+                from jax.experimental import multihost_utils
+                out = multihost_utils.process_allgather(out, tiled=True)
+            outputs.append(jax.device_get(out))
         return self.task.eval_metrics(outputs)
 
     def run(self) -> dict:

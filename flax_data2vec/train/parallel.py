@@ -80,7 +80,10 @@ def split_for_pmap(local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def replicate(tree: Any) -> Any:
     """Copy a pytree onto every local device (leading device axis), for pmap."""
-    return jax.device_put_replicated(tree, jax.local_devices())
+    devices = jax.local_devices()
+    sharding = NamedSharding(Mesh(np.asarray(devices), ("devices",)), P("devices"))
+    return jax.tree_util.tree_map(
+        lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (len(devices),) + np.shape(x)), sharding), tree)
 
 
 def unreplicate(tree: Any) -> Any:
