@@ -135,6 +135,8 @@ class Adapter(ConfigModule):
 class AudioEncoder(ModelOptions):
     """Positional convs + LayerNorm + dropout, then the Transformer layers (padded frames zeroed first)."""
 
+    frame_multiple: int = 1
+
     @nn.compact
     def __call__(self, x: Array, frame_mask: Array | None, deterministic: bool = True,
                  output_attentions: bool = False):
@@ -154,8 +156,23 @@ class AudioEncoder(ModelOptions):
                  init_std=c.initializer_range, attention_implementation=self.attention_implementation,
                  dtype=self.dtype, param_dtype=self.param_dtype),
             layerdrop=c.layerdrop, scan_layers=self.scan_layers, remat=self.remat, name="transformer")
-        return stack(x, mask_to_bias_mask(frame_mask), deterministic=deterministic,
-                     output_attentions=output_attentions)
+        frames, multiple = x.shape[1], self.frame_multiple
+        padded = -(-frames // multiple) * multiple if multiple > 1 else frames
+        if padded == frames:
+            return stack(x, mask_to_bias_mask(frame_mask), deterministic=deterministic,
+                         output_attentions=output_attentions)
+        # Pad the frame axis *here*, after the positional convs (padding the audio would change real frames),
+        # with the extra frames masked as keys: cuDNN attention needs T % 128 == 0. Sliced back below.
+        keys = jnp.arange(padded)[None, :] < frames
+        keys = keys if frame_mask is None else keys & jnp.pad(frame_mask, ((0, 0), (0, padded - frames)))
+        keys = jnp.broadcast_to(keys, (x.shape[0], padded))
+        x = jnp.pad(x, ((0, 0), (0, padded - frames), (0, 0)))
+        last, hidden, extras = stack(x, mask_to_bias_mask(keys), deterministic=deterministic,
+                                     output_attentions=output_attentions)
+        cut = lambda t: None if t is None else t[:, :frames]  # noqa: E731
+        cut_weights = lambda w: None if w is None else w[:, :, :frames, :frames]  # noqa: E731
+        extras = [(cut_weights(a), b, cut(f)) for a, b, f in extras]
+        return last[:, :frames], tuple(cut(h) for h in hidden), extras
 
 
 def check_audio_inputs(config: Data2VecAudioConfig, input_values, attention_mask=None) -> None:
@@ -182,6 +199,7 @@ class Data2VecAudioModel(ModelOptions):
     """
 
     freeze_feature_encoder: bool = False
+    frame_multiple: int = 1  # run attention on frames padded to this multiple (128 for cuDNN); outputs unchanged
 
     @nn.compact
     def __call__(self, input_values: Array, attention_mask: Array | None = None,
@@ -201,7 +219,7 @@ class Data2VecAudioModel(ModelOptions):
         hidden, extract_features = FeatureProjection(c, **kw, name="feature_projection")(features, deterministic)
         hidden = self._mask(hidden, frame_mask, mask_time_indices, deterministic)
 
-        encoder = AudioEncoder(c, **self.options, name="encoder")
+        encoder = AudioEncoder(c, **self.options, frame_multiple=self.frame_multiple, name="encoder")
         last, hidden_states, extras = encoder(hidden, frame_mask, deterministic, output_attentions)
         if c.add_adapter:
             last = Adapter(c, **kw, name="adapter")(last)

@@ -37,11 +37,12 @@ class _AudioHead(ModelOptions):
     """Shared plumbing: run the encoder (named `data2vec_audio`) and pick the hidden states to pool."""
 
     freeze_feature_encoder: bool = False
+    frame_multiple: int = 1  # see Data2VecAudioModel
 
     def encode(self, input_values, attention_mask, mask_time_indices, deterministic, output_attentions,
                output_hidden_states, weighted: bool):
-        base = Data2VecAudioModel(**self.options, config=self.config,
-                                  freeze_feature_encoder=self.freeze_feature_encoder, name="data2vec_audio")
+        base = Data2VecAudioModel(**self.options, config=self.config, freeze_feature_encoder=self.freeze_feature_encoder,
+                                  frame_multiple=self.frame_multiple, name="data2vec_audio")
         out = base(input_values, attention_mask, mask_time_indices, deterministic=deterministic,
                    output_attentions=output_attentions,
                    output_hidden_states=output_hidden_states or (weighted and self.config.use_weighted_layer_sum))

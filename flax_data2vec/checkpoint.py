@@ -32,7 +32,8 @@ from .weights import scan_params, unscan_params
 MARKER = "flax_data2vec.json"
 FORMAT_VERSION = 1
 # module fields that change speed or precision but not which params exist
-SPEED_OPTIONS = frozenset({"dtype", "param_dtype", "scan_layers", "remat", "attention_implementation"})
+SPEED_OPTIONS = frozenset({"dtype", "param_dtype", "scan_layers", "remat", "attention_implementation",
+                           "freeze_feature_encoder", "frame_multiple"})
 
 ShardingSpec = Any  # a jax.sharding.Sharding, or a function (path: tuple[str, ...], shape) -> Sharding
 

@@ -268,3 +268,22 @@ def test_feature_encoder_freezing():
     assert all(float(jnp.abs(u).max()) == 0.0
                for u in jax.tree_util.tree_leaves(updates["data2vec_audio"]["feature_extractor"]))
     assert float(jnp.abs(updates["lm_head"]["kernel"]).max()) > 0
+
+
+def test_frame_multiple_pads_attention_without_changing_outputs():
+    """Attention on frames padded to a multiple (cuDNN needs T % 128 == 0) gives the same function."""
+    _, module, params = build("Data2VecAudioForCTC")
+    x, mask = audio_batch()
+    labels = np.random.default_rng(2).integers(1, SMALL["vocab_size"], (3, 5))
+    padded = module.clone(frame_multiple=128)
+    kw = dict(output_hidden_states=True, output_attentions=True)
+    ref = module.apply({"params": params}, x, mask, labels, **kw)
+    out = padded.apply({"params": params}, x, mask, labels, **kw)
+    close(ref.logits, out.logits, "logits")
+    close(ref.loss, out.loss, "loss")
+    for a, b in zip(ref.hidden_states + ref.attentions, out.hidden_states + out.attentions):
+        close(a, b, "hidden/attention")
+    g_ref = jax.grad(lambda p: module.apply({"params": p}, x, mask, labels).loss)(params)
+    g_pad = jax.grad(lambda p: padded.apply({"params": p}, x, mask, labels).loss)(params)
+    for a, b in zip(jax.tree_util.tree_leaves(g_ref), jax.tree_util.tree_leaves(g_pad)):
+        close(a, b, "grad")

@@ -45,8 +45,7 @@ def test_pretraining_learns_and_fine_tunes(tmp_path, task):
 
 def test_pretraining_devices_agree(tmp_path):
     """Student, teacher and EMA in one step: 1 device == 8-device jit mesh == pmap."""
-    args = JOBS["pretrain-audio"] + ["--max-steps", "3", "--log-every", "1", "--eval-every", "1000",
-                                     "--max-audio-seconds", "1.0"]
+    args = JOBS["pretrain-text"] + ["--max-steps", "3", "--log-every", "1", "--eval-every", "1000"]
     run(args + ["--output-dir", str(tmp_path / "one")])
     eight = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     run(args + ["--output-dir", str(tmp_path / "mesh")], eight)

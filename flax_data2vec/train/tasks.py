@@ -50,6 +50,8 @@ def build_module(cfg: TrainConfig, architecture: str, config_changes: dict, extr
                    remat=cfg.remat, attention_implementation=cfg.attention_implementation or None,
                    **(extra_options or {}))
     audio = registry.is_audio(architecture)
+    if audio and cfg.attention_implementation == "cudnn":
+        options["frame_multiple"] = 128  # cuDNN flash attention needs the frame axis in multiples of 128
     overrides = {**config_changes, **cfg.model_overrides}
     if audio and cfg.mask_time_prob >= 0:
         overrides["mask_time_prob"] = cfg.mask_time_prob

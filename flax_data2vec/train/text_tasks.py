@@ -36,10 +36,12 @@ class _TextTask(Task):
 
     def _iterators(self, train_ds, eval_ds, shard_index, num_shards):
         cfg = self.cfg
-        self.train_iter = data_lib.BatchIterator(train_ds, cfg.batch_size, n_buckets=cfg.n_buckets, multiple=8,
-                                                 seed=cfg.seed, shard_index=shard_index, num_shards=num_shards)
+        multiple = 128 if cfg.attention_implementation == "cudnn" else 8  # cuDNN attention: T % 128 == 0
+        self.train_iter = data_lib.BatchIterator(train_ds, cfg.batch_size, n_buckets=cfg.n_buckets,
+                                                 multiple=multiple, seed=cfg.seed, shard_index=shard_index,
+                                                 num_shards=num_shards)
         self.eval_iter_factory = lambda: data_lib.BatchIterator(
-            eval_ds, cfg.eval_batch_size, n_buckets=cfg.n_buckets, multiple=8, shuffle=False, num_epochs=1,
+            eval_ds, cfg.eval_batch_size, n_buckets=cfg.n_buckets, multiple=multiple, shuffle=False, num_epochs=1,
             drop_remainder=False, shard_index=shard_index, num_shards=num_shards)
 
     def _model(self, changes: dict):
