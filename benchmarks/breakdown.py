@@ -1,11 +1,12 @@
-"""Where the flax text MLM training step spends its time (CPU or GPU), piece by piece.
+"""Where the flax training steps spend their time (CPU or GPU), piece by piece.
 
-    python -m benchmarks.breakdown [--quick] [--repeats 5] [--json out.json]
+    python -m benchmarks.breakdown [--only text|audio] [--quick] [--repeats 5] [--json out.json]
 
 Each piece is its own jitted program on the base text config at 8 x 128 (CPU) / 32 x 512 (GPU):
 forward only (eval), forward with dropout, forward + backward (full head / masked-only head),
 the AdamW update alone, the dropout random bits alone, and the matmul shapes of one layer in
-jax vs torch. Compare the sums with train_step.py's full step.
+jax vs torch. Audio (CTC, 2 x 5 s on CPU): forward+backward without the optimizer, and the positional convs
+and the CTC loss alone, each against torch. Compare the sums with train_step.py's full step.
 """
 
 from __future__ import annotations
@@ -19,12 +20,23 @@ import torch
 
 from benchmarks import common, models, pieces
 from benchmarks.train_step import adamw, mlm_batch
+from flax_data2vec.audio import PositionalConvEmbedding
+from flax_data2vec.ctc import ctc_loss
 from flax_data2vec.registry import from_transformers
 
 
 def main(argv=None) -> None:
     args = common.base_parser(__doc__.splitlines()[0]).parse_args(argv)
     info = common.setup(args)
+    rows: list[common.Row] = []
+    if args.only in (None, "text"):
+        rows += text_pieces(args)
+    if args.only in (None, "audio"):
+        rows += audio_pieces(args)
+    common.report(rows, info, args)
+
+
+def text_pieces(args) -> list:
     gpu = args.device == "gpu"
     batch, length = (2, 16) if args.quick else ((32, 512) if gpu else (8, 128))
     cfg = models.text_config(args.quick)
@@ -86,7 +98,76 @@ def main(argv=None) -> None:
         for n_, tt in t.items():
             rows.append(common.Row(f"matmul {m}x{k}x{n} fp32", n_, tt, baseline=None if n_ == "torch" else "torch",
                                    flops=2.0 * m * k * n))
-    common.report(rows, info, args)
+    return rows
+
+
+def audio_pieces(args) -> list:
+    """Data2VecAudioForCTC training (feature encoder frozen) in pieces, torch vs flax where both exist."""
+    gpu = args.device == "gpu"
+    tdev = "cuda" if gpu else "cpu"
+    batch, seconds = (2, 1.0) if args.quick else ((8, 15.0) if gpu else (2, 5.0))
+    cfg = models.audio_config(args.quick, layerdrop=0.0)
+    tmodel = models.torch_model("Data2VecAudioForCTC", cfg, tdev).train()
+    tmodel.freeze_feature_encoder()
+    module, params = from_transformers(tmodel, freeze_feature_encoder=True)
+    wave = models.waveform(batch, seconds)
+    frames = models.frames_for(cfg, wave.shape[1])
+    labels = np.random.default_rng(1).integers(1, cfg.vocab_size, (batch, max(2, frames // 5)))
+    jw, jl = jnp.asarray(wave), jnp.asarray(labels, jnp.int32)
+    tw, tl = torch.from_numpy(wave).to(tdev), torch.from_numpy(labels).to(tdev)
+    rng = jax.random.PRNGKey(0)
+    h = cfg.hidden_size
+    x = np.random.default_rng(2).standard_normal((batch, frames, h)).astype(np.float32)
+    logits = np.random.default_rng(3).standard_normal((batch, frames, cfg.vocab_size)).astype(np.float32)
+
+    def loss(p, w, lab, det):  # inputs as arguments: closed-over labels trip audio_heads._check_labels in jit
+        return module.apply({"params": p}, w, labels=lab, deterministic=det, rngs={"dropout": rng}).loss
+
+    pos = PositionalConvEmbedding(module.config)
+    pos_params = params["data2vec_audio"]["encoder"]["pos_conv_embed"]
+    ctc_len = jnp.full((batch,), frames)
+    pieces_ = {  # name: (jax fn, jax args, torch fn or None)
+        "fwd+bwd (no optimizer), train mode": (
+            jax.grad(lambda p, w, lab: loss(p, w, lab, False)), (params, jw, jl),
+            lambda: (tmodel.zero_grad(set_to_none=True), tmodel(input_values=tw, labels=tl).loss.backward())),
+        "fwd+bwd, eval mode (no dropout / SpecAugment)": (jax.grad(lambda p, w, lab: loss(p, w, lab, True)), (params, jw, jl),
+                                                           None),
+        f"positional convs fwd+bwd ({batch}x{frames}x{h})": (
+            jax.grad(lambda p, v: jnp.sum(pos.apply({"params": p}, v) ** 2), argnums=(0, 1)),
+            (pos_params, jnp.asarray(x)), _torch_grad(tmodel.data2vec_audio.encoder.pos_conv_embed, x, tdev)),
+        f"CTC loss fwd+bwd ({batch}x{frames}x{cfg.vocab_size})": (
+            jax.grad(lambda lg, lab: ctc_loss(lg, ctc_len, lab, cfg.pad_token_id, "sum")), (jnp.asarray(logits), jl),
+            _torch_ctc(logits, labels, tdev)),
+    }
+    rows = []
+    for name, (fn, a, tfn) in pieces_.items():
+        compiled, cs = common.compile_jit(jax.jit(fn), *a)
+        fns = {"flax jit": lambda compiled=compiled, a=a: common.jax_sync(compiled(*a))}
+        if tfn is not None:
+            fns["torch eager"] = lambda tfn=tfn: (tfn(), common.torch_sync(tdev))
+        print(f"[{name}] compile {cs:.1f}s", flush=True)
+        t = common.time_interleaved(fns, args.warmup, args.repeats, {"flax jit": cs})
+        wl = f"audio CTC train pieces {batch}x{seconds:g}s: {name}"
+        for n, tt in t.items():
+            rows.append(common.Row(wl, n, tt, baseline="torch eager" if n != "torch eager" and tfn else None))
+    return rows
+
+
+def _torch_grad(mod, x, tdev):
+    xt = torch.from_numpy(x).to(tdev).requires_grad_(True)
+    return lambda: (mod.zero_grad(set_to_none=True), mod(xt).pow(2).sum().backward())
+
+
+def _torch_ctc(logits, labels, tdev):
+    lg = torch.from_numpy(logits).to(tdev).requires_grad_(True)
+    tl = torch.from_numpy(labels).to(tdev)
+    in_len = torch.full((logits.shape[0],), logits.shape[1], dtype=torch.long)
+    tgt_len = torch.full((labels.shape[0],), labels.shape[1], dtype=torch.long)
+
+    def run():
+        lp = torch.log_softmax(lg, -1).transpose(0, 1)
+        torch.nn.functional.ctc_loss(lp, tl, in_len, tgt_len, blank=0, reduction="sum").backward()
+    return run
 
 
 if __name__ == "__main__":

@@ -42,9 +42,12 @@ def _without_teacher(task):
 def bench(kind: str, args, rows: list) -> None:
     quick = args.quick
     model = "tiny" if quick else "base"
-    cfg = TrainConfig(task=f"pretrain-{kind}", model=model, batch_size=2 if quick else 4, n_buckets=1,
-                      max_audio_seconds=2.0 if quick else 10.0, max_text_tokens=64 if quick else 512,
-                      output_dir="/tmp/unused", progress=False)
+    gpu = args.device == "gpu"
+    batch = 2 if quick else (8 if kind == "text" or gpu else 2)
+    cfg = TrainConfig(task=f"pretrain-{kind}", model=model, batch_size=batch, n_buckets=1,
+                      max_audio_seconds=2.0 if quick else (15.0 if gpu else 5.0),
+                      max_text_tokens=64 if quick else (512 if gpu else 128), output_dir="/tmp/unused", progress=False,
+                      dtype="bfloat16" if gpu else "float32")
     task = (AudioPretrainTask if kind == "audio" else TextPretrainTask)(cfg)
     task.setup()
     batch = task.prepare(next(task.train_batches()), np.random.default_rng(0))
