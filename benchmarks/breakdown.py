@@ -135,6 +135,15 @@ def audio_pieces(args) -> list:
         f"positional convs fwd+bwd ({batch}x{frames}x{h})": (
             jax.grad(lambda p, v: jnp.sum(pos.apply({"params": p}, v) ** 2), argnums=(0, 1)),
             (pos_params, jnp.asarray(x)), _torch_grad(tmodel.data2vec_audio.encoder.pos_conv_embed, x, tdev)),
+        f"positional convs fwd+bwd ({batch}x{frames}x{h}), unfold+einsum (pieces.py)": (
+            jax.grad(lambda p, v: jnp.sum(pieces.positional_convs_unfold(module.config, p, v) ** 2), argnums=(0, 1)),
+            (pos_params, jnp.asarray(x)), _torch_grad(tmodel.data2vec_audio.encoder.pos_conv_embed, x, tdev)),
+        f"positional convs fwd only ({batch}x{frames}x{h})": (
+            lambda p, v: pos.apply({"params": p}, v), (pos_params, jnp.asarray(x)),
+            _torch_fwd(tmodel.data2vec_audio.encoder.pos_conv_embed, x, tdev)),
+        f"positional convs fwd only ({batch}x{frames}x{h}), unfold+einsum (pieces.py)": (
+            lambda p, v: pieces.positional_convs_unfold(module.config, p, v), (pos_params, jnp.asarray(x)),
+            _torch_fwd(tmodel.data2vec_audio.encoder.pos_conv_embed, x, tdev)),
         f"CTC loss fwd+bwd ({batch}x{frames}x{cfg.vocab_size})": (
             jax.grad(lambda lg, lab: ctc_loss(lg, ctc_len, lab, cfg.pad_token_id, "sum")), (jnp.asarray(logits), jl),
             _torch_ctc(logits, labels, tdev)),
@@ -156,6 +165,15 @@ def audio_pieces(args) -> list:
 def _torch_grad(mod, x, tdev):
     xt = torch.from_numpy(x).to(tdev).requires_grad_(True)
     return lambda: (mod.zero_grad(set_to_none=True), mod(xt).pow(2).sum().backward())
+
+
+def _torch_fwd(mod, x, tdev):
+    xt = torch.from_numpy(x).to(tdev)
+
+    def run():
+        with torch.inference_mode():
+            return mod(xt)
+    return run
 
 
 def _torch_ctc(logits, labels, tdev):

@@ -160,6 +160,8 @@ class Timing:
     name: str
     times: list[float] = dataclasses.field(default_factory=list)
     compile_s: float | None = None
+    foreign: list = dataclasses.field(default_factory=list)  # other processes' cores in use, per call
+    contended: int = 0  # timed calls kept although other processes were busy (after all retries)
 
     @property
     def median(self) -> float:
@@ -184,11 +186,41 @@ def torch_sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _busy_cpu_seconds() -> float | None:
+    """CPU seconds all processes have spent busy since boot (/proc/stat), or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:9]]
+    except OSError:
+        return None
+    return (sum(vals) - vals[3] - vals[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+
+def _own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def _timed_call(fn: Callable[[], Any]) -> tuple[float, float | None]:
+    """(wall seconds, CPU-seconds per wall-second that *other* processes used meanwhile)."""
+    busy0, own0 = _busy_cpu_seconds(), _own_cpu_seconds()
+    t0 = time.perf_counter()
+    fn()
+    wall = time.perf_counter() - t0
+    busy1, own1 = _busy_cpu_seconds(), _own_cpu_seconds()
+    if busy0 is None or busy1 is None:
+        return wall, None
+    return wall, max(0.0, (busy1 - busy0) - (own1 - own0)) / wall
+
+
 def time_interleaved(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int,
-                     compile_s: dict[str, float] | None = None, verbose: bool = True) -> dict[str, Timing]:
+                     compile_s: dict[str, float] | None = None, verbose: bool = True,
+                     max_foreign: float = 0.15, retries: int = 3) -> dict[str, Timing]:
     """Run every fn `warmup` times, then `repeats` rounds of all fns in rotating order; each fn must sync.
 
-    Alternating runs (A B, B A, ...) keeps slow drift from favouring one side.
+    Alternating runs (A B, B A, ...) keep slow drift from favouring one side. A timed call during which
+    other processes used more than `max_foreign` of a core (from /proc/stat) is repeated, up to
+    `retries` times; the last try is kept and counted in `Timing.contended`.
     """
     names = list(fns)
     for _ in range(warmup):
@@ -198,9 +230,16 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], warmup: int, repeats: in
     for r in range(repeats):
         order = names[r % len(names):] + names[:r % len(names)]
         for n in order:
-            t0 = time.perf_counter()
-            fns[n]()
-            out[n].times.append(time.perf_counter() - t0)
+            for attempt in range(retries + 1):
+                wall, foreign = _timed_call(fns[n])
+                if foreign is None or wall < 0.2 or foreign <= max_foreign:  # /proc/stat ticks are 10 ms
+                    break
+                print(f"  ({n}: other processes used {foreign:.2f} cores during the call; "
+                      f"{'retrying' if attempt < retries else 'keeping it'})", flush=True)
+            else:
+                out[n].contended += 1
+            out[n].times.append(wall)
+            out[n].foreign.append(foreign)
         if verbose:
             print("  round", r + 1, " ".join(f"{n}={out[n].times[-1] * 1e3:.1f}ms" for n in names), flush=True)
     return out
@@ -260,6 +299,7 @@ class Row:
             "workload": self.workload, "impl": self.impl, "median_ms": self.timing.median * 1e3,
             "iqr_ms": self.timing.iqr * 1e3, "times_ms": [t * 1e3 for t in self.timing.times],
             "compile_s": self.timing.compile_s, "throughput": self.throughput, "unit": self.unit,
+            "foreign_cores": self.timing.foreign, "contended_calls": self.timing.contended,
             "speedup_vs_baseline": (base.timing.median / self.timing.median) if base else None,
             "baseline": self.baseline, "gflops_per_call": self.flops / 1e9 if self.flops else None,
             "achieved_gflop_s": self.flops / self.timing.median / 1e9 if self.flops else None, "note": self.note,
@@ -287,7 +327,8 @@ def markdown_table(rows: list[Row]) -> str:
                                                                               and "torch" in r.impl else "-")
         cs = f"{d['compile_s']:.1f}" if d["compile_s"] is not None else "-"
         gf = f"{d['achieved_gflop_s']:.0f}" if d["achieved_gflop_s"] else "-"
-        impl = r.impl + (f" ({r.note})" if r.note else "")
+        impl = r.impl + (f" ({r.note})" if r.note else "") + (
+            f" [{r.timing.contended}/{len(r.timing.times)} runs contended]" if r.timing.contended else "")
         lines.append(f"| {r.workload} | {impl} | {d['median_ms']:,.1f} | {d['iqr_ms']:.1f} | {tp} | {sp} | {cs} | {gf} |")
     return "\n".join(lines)
 

@@ -90,12 +90,14 @@ def bench_audio(args, device: str, rows: list, extra: dict) -> None:
     j_wave = jnp.asarray(wave)
     workload = f"audio Data2VecAudioModel fwd {batch}x{seconds:g}s ({frames} frames)"
 
-    # (dtype, bf16, attention implementation, pad the frame axis to a multiple of 128 inside the encoder)
-    variants = [("float32", False, None, False), ("float32", False, None, True)]
+    # (dtype, bf16, attention implementation, frame-axis multiple inside the encoder (0: the package's model),
+    #  positional convs as unfold + einsum)
+    variants = [("float32", False, None, 0, False), ("float32", False, None, 128, False),
+                ("float32", False, None, 1, True)]
     if device == "gpu":  # cuDNN flash attention refuses T=499: it needs the padded frame axis
-        variants += [("bfloat16", True, None, False), ("bfloat16", True, "cudnn", True)]
+        variants += [("bfloat16", True, None, 0, False), ("bfloat16", True, "cudnn", 128, False)]
     unpadded_out = {}
-    for dtype_name, bf16, attn, padded in variants:
+    for dtype_name, bf16, attn, padded, unfold in variants:
         wl = f"{workload} {dtype_name}"
         fns, compile_s = {}, {}
         torch_name = f"torch eager sdpa{' +autocast' if bf16 else ''}"
@@ -104,8 +106,11 @@ def bench_audio(args, device: str, rows: list, extra: dict) -> None:
         module, params = from_transformers(tmodel, dtype=jnp.bfloat16 if bf16 else jnp.float32,
                                            attention_implementation=attn)
         if padded:
-            name = f"flax jit {attn or 'xla'} attention, frames padded to {padded_frames}"
-            fwd = jax.jit(lambda p, x, module=module: pieces.audio_forward_padded(module, p, x))
+            name = f"flax jit {attn or 'xla'} attention" + (
+                f", frames padded to {padded_frames}" if padded > 1 else "") + (
+                ", pos convs as unfold+einsum (pieces.py)" if unfold else "")
+            fwd = jax.jit(lambda p, x, module=module, m=padded, u=unfold: pieces.audio_hidden_padded(
+                module, p, x, m, unfold_pos_conv=u))
             compiled, compile_s[name] = common.compile_jit(fwd, params, j_wave)
             fns[name] = lambda compiled=compiled, params=params: common.jax_sync(compiled(params, j_wave))
             flops = common.xla_flops(compiled)
@@ -123,7 +128,7 @@ def bench_audio(args, device: str, rows: list, extra: dict) -> None:
                     extra[f"{wl}: max |zero-padded audio + attention_mask - unpadded| on real frames"] = \
                         _padded_audio_error(module, params, wave, cfg, out)
         elif dtype_name in unpadded_out:
-            extra[f"{wl}: max |padded frames ({attn or 'xla'}) - unpadded| on real frames"] = float(
+            extra[f"{wl}: max |{name} - package model| on real frames"] = float(
                 np.abs(out - unpadded_out[dtype_name]).max())
         print(f"[{wl}] {name}: compile {compile_s[name]:.1f}s", flush=True)
         timings = common.time_interleaved(fns, args.warmup, args.repeats, compile_s)

@@ -3,7 +3,7 @@
 * `masked_mlm_loss`: Data2VecTextForMaskedLM's loss with the LM head (dense + GELU + LN + 50k-vocab
   projection + cross-entropy) run only on a static number of masked positions per row instead of on every
   token. Same loss value as the full head when the labels are -100 everywhere else.
-* `audio_hidden_padded` / `audio_forward_padded` / `ctc_loss_padded`: the audio encoder with the frame axis
+* `audio_hidden_padded` / `ctc_loss_padded`: the audio encoder with the frame axis
   zero-padded to a multiple of 128 *after* the positional convs, with padded frames masked as attention keys,
   and sliced back afterwards. cuDNN flash attention refuses T=499/749; feeding zero-padded *audio* instead
   changes the real frames, because the reference's positional convs carry padding into the last ~40 real
@@ -59,9 +59,11 @@ def _stack(module, c) -> TransformerStack:
 
 def audio_hidden_padded(module, params: dict, input_values: Array, multiple: int = 128,
                         mask_time_indices: Array | None = None, deterministic: bool = True,
-                        rng: Array | None = None, freeze_feature_encoder: bool = False) -> Array:
+                        rng: Array | None = None, freeze_feature_encoder: bool = False,
+                        unfold_pos_conv: bool = False) -> Array:
     """Data2VecAudioModel's last_hidden_state (unpadded audio, no attention mask) with the Transformer run
-    on frames zero-padded to a multiple of `multiple`. `params` are the base model's params."""
+    on frames zero-padded to a multiple of `multiple` (1: no padding). `params` are the base model's params.
+    `unfold_pos_conv` computes the grouped positional convs as unfold + einsum (`positional_convs_unfold`)."""
     c = module.config
     kw = dict(dtype=module.dtype, param_dtype=module.param_dtype)
     rngs = [None] * 4 if deterministic else [{"dropout": k} for k in jax.random.split(rng, 4)]
@@ -79,7 +81,10 @@ def audio_hidden_padded(module, params: dict, input_values: Array, multiple: int
         embed = params["masked_spec_embed"].astype(hidden.dtype)
         hidden = jnp.where(mask_time_indices[:, :, None].astype(bool), embed, hidden)
     enc = params["encoder"]
-    x = hidden + PositionalConvEmbedding(c, **kw).apply({"params": enc["pos_conv_embed"]}, hidden)
+    if unfold_pos_conv:
+        x = hidden + positional_convs_unfold(c, enc["pos_conv_embed"], hidden)
+    else:
+        x = hidden + PositionalConvEmbedding(c, **kw).apply({"params": enc["pos_conv_embed"]}, hidden)
     x = layer_norm(c.layer_norm_eps, None, **kw).apply({"params": enc["layer_norm"]}, x)
     x = nn.Dropout(c.hidden_dropout).apply({}, x, deterministic=deterministic, rngs=rngs[2])
     batch, frames = x.shape[:2]
@@ -93,20 +98,48 @@ def audio_hidden_padded(module, params: dict, input_values: Array, multiple: int
     return y[:, :frames]
 
 
-def audio_forward_padded(module, params: dict, input_values: Array, multiple: int = 128) -> Array:
-    """Inference: Data2VecAudioModel(params)(input_values).last_hidden_state via a padded frame axis."""
-    return audio_hidden_padded(module, params, input_values, multiple)
-
-
 def ctc_loss_padded(module, params: dict, input_values: Array, labels: Array, rng: Array, multiple: int = 128,
-                    deterministic: bool = False, mask_time_indices: Array | None = None) -> Array:
+                    deterministic: bool = False, mask_time_indices: Array | None = None,
+                    unfold_pos_conv: bool = False) -> Array:
     """Data2VecAudioForCTC's loss (unpadded audio, no attention mask) with the padded-frame encoder."""
     c = module.config
     hidden = audio_hidden_padded(module, params["data2vec_audio"], input_values, multiple, mask_time_indices,
-                                 deterministic, rng, module.freeze_feature_encoder)
+                                 deterministic, rng, module.freeze_feature_encoder, unfold_pos_conv)
     k_drop = None if deterministic else {"dropout": jax.random.fold_in(rng, 7)}
     hidden = nn.Dropout(c.final_dropout).apply({}, hidden, deterministic=deterministic, rngs=k_drop)
     logits = nn.Dense(c.vocab_size, dtype=module.dtype, param_dtype=module.param_dtype).apply(
         {"params": params["lm_head"]}, hidden)
     lengths = jnp.full((input_values.shape[0],), hidden.shape[1])
     return ctc_loss(logits, lengths, labels, c.pad_token_id, c.ctc_loss_reduction, c.ctc_zero_infinity)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# audio: grouped positional convs without a grouped XLA convolution
+def grouped_conv_unfold(x: Array, kernel: Array, bias: Array, groups: int) -> Array:
+    """`nn.Conv(feature_group_count=groups, padding=k//2)` on (batch, time, channels) via unfold + einsum.
+
+    kernel is flax's (k, channels // groups, out); output (batch, time + 1 - k % 2, out). XLA:CPU's grouped
+    convolution (and its gradients) are far slower than this batched matmul of the k shifted windows.
+    """
+    k, cg, out = kernel.shape
+    batch, frames, _ = x.shape
+    xp = jnp.pad(x, ((0, 0), (k // 2, k // 2), (0, 0)))
+    t_out = frames + 2 * (k // 2) - k + 1
+    windows = jnp.stack([xp[:, i:i + t_out] for i in range(k)], axis=2)  # (batch, t_out, k, channels)
+    windows = windows.reshape(batch, t_out, k, groups, cg)
+    w = kernel.reshape(k, cg, groups, out // groups)
+    y = jnp.einsum("btkgc,kcgo->btgo", windows, w.astype(x.dtype)).reshape(batch, t_out, out)
+    return y + bias.astype(y.dtype)
+
+
+def positional_convs_unfold(config, params: dict, x: Array) -> Array:
+    """PositionalConvEmbedding(config) with `grouped_conv_unfold`; params = encoder/pos_conv_embed."""
+    from flax_data2vec.layers import gelu
+    k = config.conv_pos_kernel_size
+    for j in range(config.num_conv_pos_embeddings):
+        p = params[f"layers_{j}"]
+        x = grouped_conv_unfold(x, p["kernel"], p["bias"], config.num_conv_pos_embedding_groups)
+        if k % 2 == 0:
+            x = x[:, :-1]
+        x = gelu(layer_norm(config.layer_norm_eps, None, x.dtype, jnp.float32, affine=False).apply({}, x))
+    return x

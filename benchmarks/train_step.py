@@ -191,10 +191,15 @@ def bench_audio(args, rows: list, extra: dict) -> None:
         return lambda p, b, rng: module.apply({"params": p}, b["wave"], labels=b["labels"], deterministic=False,
                                               rngs={"dropout": rng}).loss
 
-    def padded_loss(module):
-        return lambda p, b, rng: pieces.ctc_loss_padded(module, p, b["wave"], b["labels"], rng)
+    def padded_loss(module, multiple=128, unfold=False):
+        return lambda p, b, rng: pieces.ctc_loss_padded(module, p, b["wave"], b["labels"], rng, multiple,
+                                                        unfold_pos_conv=unfold)
 
-    variants = [("flax jit", dict(), module_loss), ("flax jit, scan_layers", dict(scan_layers=True), module_loss)]
+    def unfold_loss(module):
+        return padded_loss(module, multiple=1, unfold=True)
+
+    variants = [("flax jit", dict(), module_loss), ("flax jit, scan_layers", dict(scan_layers=True), module_loss),
+                ("flax jit, pos convs as unfold+einsum (pieces.py)", dict(), unfold_loss)]
     if gpu:
         variants.append((f"flax jit cudnn, frames padded to {-(-frames // 128) * 128}",
                          dict(attention_implementation="cudnn"), padded_loss))

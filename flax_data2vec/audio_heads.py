@@ -41,8 +41,8 @@ class _AudioHead(ModelOptions):
 
     def encode(self, input_values, attention_mask, mask_time_indices, deterministic, output_attentions,
                output_hidden_states, weighted: bool):
-        base = Data2VecAudioModel(**self.options, config=self.config, freeze_feature_encoder=self.freeze_feature_encoder,
-                                  frame_multiple=self.frame_multiple, name="data2vec_audio")
+        base = Data2VecAudioModel(**self.options, config=self.config, frame_multiple=self.frame_multiple,
+                                  freeze_feature_encoder=self.freeze_feature_encoder, name="data2vec_audio")
         out = base(input_values, attention_mask, mask_time_indices, deterministic=deterministic,
                    output_attentions=output_attentions,
                    output_hidden_states=output_hidden_states or (weighted and self.config.use_weighted_layer_sum))

@@ -27,7 +27,7 @@ from ..masking import compute_span_mask, compute_text_mask
 from ..text import TextEmbeddings, TextEncoder
 from . import data as data_lib
 from .config import REPO_DATA
-from .tasks import PRESETS, Task, build_module
+from .tasks import PRESETS, Task, _AudioTask, build_module
 from .text_tasks import _TextTask
 
 
@@ -128,6 +128,12 @@ class _PretrainTask(Task):
     def identity(self) -> dict:
         return {"task": self.cfg.task, "config": self.config.to_dict(), "pretrain": dataclasses.asdict(self.pretrain)}
 
+    def frozen(self, path) -> bool:  # pre-training trains everything, the CNN included
+        return False
+
+    def delayed(self, path) -> bool:
+        return False
+
     def make_schedule(self):
         return d2v.make_lr_schedule(self.pretrain)
 
@@ -176,7 +182,7 @@ def _encoder_from(cfg, architecture, config_changes):
     return module.config, (None if cfg.model in PRESETS else params)
 
 
-class AudioPretrainTask(_PretrainTask):
+class AudioPretrainTask(_PretrainTask, _AudioTask):
     """`pretrain-audio`: span masks over frames (p=0.65, length 10), targets = top-8 instance-normed FFN outputs."""
 
     released = d2v.Data2VecPretrainConfig.audio()
@@ -191,13 +197,8 @@ class AudioPretrainTask(_PretrainTask):
         eval_rows = data_lib.read_manifest(cfg.eval_data or os.path.join(REPO_DATA, "speech_digits/eval.jsonl"))
         max_samples = int(cfg.max_audio_seconds * 16000)
         kw = dict(max_samples=max_samples, crop=True)
-        train_ds, eval_ds = data_lib.AudioDataset(rows, **kw), data_lib.AudioDataset(eval_rows, **kw)
-        self.train_iter = data_lib.BatchIterator(train_ds, cfg.batch_size, n_buckets=cfg.n_buckets, multiple=320,
-                                                 seed=cfg.seed, shard_index=shard_index, num_shards=num_shards,
-                                                 num_workers=cfg.num_workers)
-        self.eval_iter_factory = lambda: data_lib.BatchIterator(
-            eval_ds, cfg.eval_batch_size, n_buckets=cfg.n_buckets, multiple=320, shuffle=False, num_epochs=1,
-            drop_remainder=True, shard_index=shard_index, num_shards=num_shards)
+        self._iterators(data_lib.AudioDataset(rows, **kw), data_lib.AudioDataset(eval_rows, **kw), shard_index,
+                        num_shards)
         config, self.encoder_params = _encoder_from(cfg, self.base_architecture,
                                                     {"mask_time_prob": max(cfg.mask_time_prob, 0.05)})
         self._build(AudioStudent, config)

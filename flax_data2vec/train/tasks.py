@@ -156,7 +156,7 @@ class Task:
     def eval_metrics(self, outputs: list[dict]) -> dict:
         num = sum(float(o["loss_sum"]) for o in outputs)
         den = sum(float(o["count"]) for o in outputs)
-        return {"eval_loss": num / max(den, 1.0)}
+        return {"eval_loss": num / max(den, 1.0), "eval_count": den}
 
     # -- export --------------------------------------------------------------------------------
     def export(self, params):
@@ -266,18 +266,33 @@ class CTCTask(_AudioTask):
         self.vocab.save(directory)
 
 
-def _accuracy_metrics(base: dict, outputs: list[dict]) -> dict:
-    correct = sum(float(o["correct"]) for o in outputs)
-    count = sum(float(o["count"]) for o in outputs)
-    return {**base, "eval_accuracy": correct / max(count, 1.0)}
+class ClassificationMixin:
+    """Loss (cross-entropy over real examples) and accuracy for heads with (batch, num_labels) logits."""
+
+    input_key = "input_values"
+
+    def _logits_loss(self, params, batch, rng, train):
+        out = self.module.apply({"params": params}, batch[self.input_key], batch["attention_mask"],
+                                deterministic=not train, rngs={"dropout": rng} if train else None)
+        w, labels = batch["example_mask"], batch["labels"]
+        losses = optax.softmax_cross_entropy_with_integer_labels(out.logits.astype(jnp.float32), labels)
+        return (losses * w).sum(), w.sum(), ((jnp.argmax(out.logits, -1) == labels) * w).sum()
+
+    def loss(self, params, extra, batch, rng, train):
+        num, den, _ = self._logits_loss(params, batch, rng, train)
+        return num, den, {}
+
+    def eval_outputs(self, params, extra, batch):
+        num, den, correct = self._logits_loss(params, batch, None, False)
+        return {"loss_sum": num, "count": den, "correct": correct}
+
+    def eval_metrics(self, outputs):
+        metrics = super().eval_metrics(outputs)
+        correct = sum(float(o["correct"]) for o in outputs)
+        return {**metrics, "eval_accuracy": correct / max(metrics["eval_count"], 1.0)}
 
 
-def _classification_loss(logits, labels, w):
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-    return (losses * w).sum(), w.sum(), ((jnp.argmax(logits, -1) == labels) * w).sum()
-
-
-class AudioClassificationTask(_AudioTask):
+class AudioClassificationTask(ClassificationMixin, _AudioTask):
     """Utterance classification: Data2VecAudioForSequenceClassification; eval accuracy."""
 
     architecture: str = "Data2VecAudioForSequenceClassification"
@@ -297,19 +312,6 @@ class AudioClassificationTask(_AudioTask):
             cfg, self.architecture, dict(id2label=self.label_map.id2label),
             dict(freeze_feature_encoder=self._freeze_cnn))
 
-    def loss(self, params, extra, batch, rng, train):
-        out = self.module.apply({"params": params}, batch["input_values"], batch["attention_mask"],
-                                deterministic=not train, rngs={"dropout": rng} if train else None)
-        num, den, _ = _classification_loss(out.logits, batch["labels"], batch["example_mask"])
-        return num, den, {}
-
-    def eval_outputs(self, params, extra, batch):
-        out = self.module.apply({"params": params}, batch["input_values"], batch["attention_mask"])
-        num, den, correct = _classification_loss(out.logits, batch["labels"], batch["example_mask"])
-        return {"loss_sum": num, "count": den, "correct": correct}
-
-    def eval_metrics(self, outputs):
-        return _accuracy_metrics(super().eval_metrics(outputs), outputs)
 
 
 def get_task(cfg: TrainConfig) -> Task:

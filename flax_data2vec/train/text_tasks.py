@@ -12,7 +12,7 @@ import optax
 from ..masking import compute_text_mask
 from . import data as data_lib
 from .config import REPO_DATA
-from .tasks import PRESETS, Task, _accuracy_metrics, _classification_loss, build_module
+from .tasks import PRESETS, ClassificationMixin, Task, build_module
 
 
 class _TextTask(Task):
@@ -56,10 +56,11 @@ class _TextTask(Task):
         self.tokenizer.save_pretrained(directory)
 
 
-class TextClassificationTask(_TextTask):
+class TextClassificationTask(ClassificationMixin, _TextTask):
     """Sentence classification: Data2VecTextForSequenceClassification; eval accuracy."""
 
     architecture: str = "Data2VecTextForSequenceClassification"
+    input_key = "input_ids"
     best_metric: str = "eval_accuracy"
     best_mode: str = "max"
 
@@ -75,19 +76,6 @@ class TextClassificationTask(_TextTask):
                         data_lib.TextDataset(eval_rows, self.tokenizer, **kw), shard_index, num_shards)
         self._model(dict(id2label=self.label_map.id2label, problem_type="single_label_classification"))
 
-    def loss(self, params, extra, batch, rng, train):
-        out = self.module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                                deterministic=not train, rngs={"dropout": rng} if train else None)
-        num, den, _ = _classification_loss(out.logits, batch["labels"], batch["example_mask"])
-        return num, den, {}
-
-    def eval_outputs(self, params, extra, batch):
-        out = self.module.apply({"params": params}, batch["input_ids"], batch["attention_mask"])
-        num, den, correct = _classification_loss(out.logits, batch["labels"], batch["example_mask"])
-        return {"loss_sum": num, "count": den, "correct": correct}
-
-    def eval_metrics(self, outputs):
-        return _accuracy_metrics(super().eval_metrics(outputs), outputs)
 
 
 class MLMTask(_TextTask):
