@@ -93,7 +93,8 @@ def text_pieces(args) -> list:
         a, b = rs.standard_normal((m, k), np.float32), rs.standard_normal((k, n), np.float32)
         ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
         mm = jax.jit(jnp.matmul)
-        t = common.time_interleaved({"torch": lambda: ta @ tb, "jax": lambda: common.jax_sync(mm(ja, jb))},
+        t = common.time_interleaved({"torch": lambda ta=ta, tb=tb: ta @ tb,
+                                     "jax": lambda mm=mm, ja=ja, jb=jb: common.jax_sync(mm(ja, jb))},
                                     args.warmup, args.repeats, verbose=False)
         for n_, tt in t.items():
             rows.append(common.Row(f"matmul {m}x{k}x{n} fp32", n_, tt, baseline=None if n_ == "torch" else "torch",
@@ -130,13 +131,16 @@ def audio_pieces(args) -> list:
         "fwd+bwd (no optimizer), train mode": (
             jax.grad(lambda p, w, lab: loss(p, w, lab, False)), (params, jw, jl),
             lambda: (tmodel.zero_grad(set_to_none=True), tmodel(input_values=tw, labels=tl).loss.backward())),
-        "fwd+bwd, eval mode (no dropout / SpecAugment)": (jax.grad(lambda p, w, lab: loss(p, w, lab, True)), (params, jw, jl),
-                                                           None),
+        "fwd+bwd, eval mode (no dropout / SpecAugment)": (
+            jax.grad(lambda p, w, lab: loss(p, w, lab, True)), (params, jw, jl), None),
         f"positional convs fwd+bwd ({batch}x{frames}x{h})": (
             jax.grad(lambda p, v: jnp.sum(pos.apply({"params": p}, v) ** 2), argnums=(0, 1)),
             (pos_params, jnp.asarray(x)), _torch_grad(tmodel.data2vec_audio.encoder.pos_conv_embed, x, tdev)),
         f"positional convs fwd+bwd ({batch}x{frames}x{h}), unfold+einsum (pieces.py)": (
             jax.grad(lambda p, v: jnp.sum(pieces.positional_convs_unfold(module.config, p, v) ** 2), argnums=(0, 1)),
+            (pos_params, jnp.asarray(x)), _torch_grad(tmodel.data2vec_audio.encoder.pos_conv_embed, x, tdev)),
+        f"positional convs fwd+bwd ({batch}x{frames}x{h}), per-tap kernel grad (pieces.py)": (
+            jax.grad(lambda p, v: jnp.sum(pieces.positional_convs(module.config, p, v) ** 2), argnums=(0, 1)),
             (pos_params, jnp.asarray(x)), _torch_grad(tmodel.data2vec_audio.encoder.pos_conv_embed, x, tdev)),
         f"positional convs fwd only ({batch}x{frames}x{h})": (
             lambda p, v: pos.apply({"params": p}, v), (pos_params, jnp.asarray(x)),

@@ -329,7 +329,8 @@ def markdown_table(rows: list[Row]) -> str:
         gf = f"{d['achieved_gflop_s']:.0f}" if d["achieved_gflop_s"] else "-"
         impl = r.impl + (f" ({r.note})" if r.note else "") + (
             f" [{r.timing.contended}/{len(r.timing.times)} runs contended]" if r.timing.contended else "")
-        lines.append(f"| {r.workload} | {impl} | {d['median_ms']:,.1f} | {d['iqr_ms']:.1f} | {tp} | {sp} | {cs} | {gf} |")
+        lines.append(f"| {r.workload} | {impl} | {d['median_ms']:,.1f} | {d['iqr_ms']:.1f} | {tp} | {sp} | {cs} "
+                     f"| {gf} |")
     return "\n".join(lines)
 
 

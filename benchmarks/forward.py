@@ -110,7 +110,7 @@ def bench_audio(args, device: str, rows: list, extra: dict) -> None:
                 f", frames padded to {padded_frames}" if padded > 1 else "") + (
                 ", pos convs as unfold+einsum (pieces.py)" if unfold else "")
             fwd = jax.jit(lambda p, x, module=module, m=padded, u=unfold: pieces.audio_hidden_padded(
-                module, p, x, m, unfold_pos_conv=u))
+                module, p, x, m, pos_conv_impl="unfold" if u else None))
             compiled, compile_s[name] = common.compile_jit(fwd, params, j_wave)
             fns[name] = lambda compiled=compiled, params=params: common.jax_sync(compiled(params, j_wave))
             flops = common.xla_flops(compiled)

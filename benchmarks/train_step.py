@@ -191,20 +191,21 @@ def bench_audio(args, rows: list, extra: dict) -> None:
         return lambda p, b, rng: module.apply({"params": p}, b["wave"], labels=b["labels"], deterministic=False,
                                               rngs={"dropout": rng}).loss
 
-    def padded_loss(module, multiple=128, unfold=False):
+    def padded_loss(module, multiple=128, pos_conv_impl=None):
         return lambda p, b, rng: pieces.ctc_loss_padded(module, p, b["wave"], b["labels"], rng, multiple,
-                                                        unfold_pos_conv=unfold)
+                                                        pos_conv_impl=pos_conv_impl)
 
-    def unfold_loss(module):
-        return padded_loss(module, multiple=1, unfold=True)
+    def taps_loss(module):
+        return padded_loss(module, multiple=1, pos_conv_impl="taps")
 
     variants = [("flax jit", dict(), module_loss), ("flax jit, scan_layers", dict(scan_layers=True), module_loss),
-                ("flax jit, pos convs as unfold+einsum (pieces.py)", dict(), unfold_loss)]
+                ("flax jit, pos-conv kernel grad as per-tap matmuls (pieces.py)", dict(), taps_loss)]
     if gpu:
         variants.append((f"flax jit cudnn, frames padded to {-(-frames // 128) * 128}",
                          dict(attention_implementation="cudnn"), padded_loss))
     if args.quick:
         _check_padded_ctc(tmodel, jbatch, extra)
+        _check_taps_grad(tmodel, jbatch, extra)
 
     torch_name = "torch eager sdpa" + (" +autocast, fused AdamW" if gpu else ", AdamW")
     torch_losses: list = []
@@ -236,6 +237,17 @@ def _check_padded_ctc(tmodel, jbatch, extra) -> None:
                                     mask_time_indices=mask)
     extra["check: CTC loss flax module / padded-frame pieces (eval mode)"] = (round(float(ref), 5),
                                                                               round(float(padded), 5))
+
+
+def _check_taps_grad(tmodel, jbatch, extra) -> None:
+    """The custom-VJP positional convs give the module's gradients (eval mode, no SpecAugment)."""
+    module, params = from_transformers(tmodel, freeze_feature_encoder=True)
+    ref = jax.grad(lambda p: module.apply({"params": p}, jbatch["wave"], labels=jbatch["labels"]).loss)(params)
+    new = jax.grad(lambda p: pieces.ctc_loss_padded(module, p, jbatch["wave"], jbatch["labels"], None, 1, True,
+                                                    pos_conv_impl="taps"))(params)
+    err = max(float(jnp.abs(a - b).max() / (jnp.abs(a).max() + 1e-12))
+              for a, b in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(new)))
+    extra["check: max relative grad error, per-tap pos-conv VJP vs module"] = err
 
 
 def main(argv=None) -> None:
