@@ -9,6 +9,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from .audio import Data2VecAudioModel, conv_output_lengths, feature_attention_mask
@@ -29,8 +30,10 @@ def _is_concrete(x) -> bool:
 def _check_labels(labels, shape: tuple, name: str, upper: int | None = None) -> None:
     if tuple(labels.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(labels.shape)}")
-    if upper is not None and _is_concrete(labels) and labels.size and int(jnp.max(labels)) >= upper:
-        raise ValueError(f"{name} values must be < {upper}, got max {int(jnp.max(labels))}")
+    if upper is not None and _is_concrete(labels) and labels.size:
+        top = int(np.max(np.asarray(labels)))  # numpy: a jnp op here would be traced inside an enclosing jit
+        if top >= upper:
+            raise ValueError(f"{name} values must be < {upper}, got max {top}")
 
 
 class _AudioHead(ModelOptions):
