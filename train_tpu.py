@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     from flax_data2vec.train.loop import train
     try:
         summary = train(cfg)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     keys = [k for k in ("loss", "eval_loss", "eval_cer", "eval_wer", "eval_accuracy", "eval_perplexity",

@@ -27,9 +27,13 @@ class TrainConfig:
     task: str = "ctc"  # one of TASKS
     model: str = "tiny"  # a preset (tiny, base, large) or anything flax_data2vec.load() takes
     model_config: str = ""  # JSON object of model-config overrides, e.g. '{"hidden_dropout": 0.0}'
-    # data (empty: the data the repository ships for the task)
+    # data (empty: the data the repository ships for the task). A manifest (.jsonl/.json/.tsv) for audio, a
+    # text file (.txt/.jsonl/.csv) for text, or hf:NAME[:CONFIG][@SPLIT] for a Hugging Face dataset
     train_data: str = ""
-    eval_data: str = ""
+    eval_data: str = ""  # empty: the hf: train set's validation/test split, the shipped eval set, or a holdout
+    audio_column: str = ""  # hf: columns; empty: guessed (an Audio feature; text/sentence/...; a ClassLabel)
+    text_column: str = ""  # text tasks may name a pair "premise,hypothesis"
+    label_column: str = ""
     tokenizer: str = ""  # text tasks: a transformers tokenizer dir/name; empty: a BPE built on the train text
     max_audio_seconds: float = 15.0
     max_text_tokens: int = 128

@@ -105,22 +105,31 @@ def audio_length(path: str, target_sr: int = 16000) -> int:
     return _resampled_length(info.frames, info.samplerate, target_sr)
 
 
-def load_audio(path: str, target_sr: int = 16000) -> np.ndarray:
-    """Decodes an audio file to mono float32 at target_sr (channels averaged, polyphase resampling)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"audio file not found: {path}")
+def load_audio(source, target_sr: int = 16000, name: str | None = None) -> np.ndarray:
+    """Decodes an audio file (a path or a binary file object) to mono float32 at target_sr
+    (channels averaged, polyphase resampling); `name` labels it in errors."""
+    name = name or str(source)
+    if isinstance(source, str) and not os.path.isfile(source):
+        raise FileNotFoundError(f"audio file not found: {source}")
     try:
-        x, sr = sf.read(path, dtype="float32", always_2d=True)
+        x, sr = sf.read(source, dtype="float32", always_2d=True)
     except (RuntimeError, OSError) as e:  # soundfile's LibsndfileError is a RuntimeError
-        raise ValueError(f"cannot read audio file {path}: {e}") from None
+        raise ValueError(f"cannot read audio file {name}: {e}") from None
     if x.shape[0] == 0:
-        raise ValueError(f"audio file {path} is empty")
+        raise ValueError(f"audio file {name} is empty")
     x = x.mean(axis=1) if x.shape[1] > 1 else x[:, 0]
     if sr != target_sr:
         from scipy.signal import resample_poly
         g = math.gcd(sr, target_sr)
         x = resample_poly(x, target_sr // g, sr // g)
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def load_row_audio(row: dict, target_sr: int = 16000) -> np.ndarray:
+    """The audio of one example row: a file `path`, or `audio`+`index` into a Hugging Face dataset."""
+    if "path" in row:
+        return load_audio(row["path"], target_sr)
+    return row["audio"].read(row["index"], target_sr)
 
 
 def normalize_audio(x: np.ndarray, length: int | None = None) -> np.ndarray:
@@ -267,8 +276,8 @@ def load_text_lines(path: str) -> list[dict]:
     return rows
 
 
-def build_small_bpe_tokenizer(corpus_path: str, vocab_size: int = 1000, min_frequency: int = 2):
-    """Trains a byte-level BPE on a text file and wraps it as a RoBERTa tokenizer.
+def build_small_bpe_tokenizer(corpus: str | Iterable[str], vocab_size: int = 1000, min_frequency: int = 2):
+    """Trains a byte-level BPE on a text file (or an iterable of lines) and wraps it as a RoBERTa tokenizer.
 
     Special ids follow RoBERTa/Data2VecText: <s>=0, <pad>=1, </s>=2, <unk>=3, <mask>=4. Used for
     from-scratch text runs and tests, where no pretrained tokenizer can be downloaded.
@@ -277,8 +286,10 @@ def build_small_bpe_tokenizer(corpus_path: str, vocab_size: int = 1000, min_freq
     from transformers import RobertaTokenizer
 
     bpe = ByteLevelBPETokenizer()
-    with open(corpus_path, encoding="utf-8") as f:
-        lines = [ln.strip() for ln in f if ln.strip()]
+    if isinstance(corpus, str):
+        with open(corpus, encoding="utf-8") as f:
+            corpus = list(f)
+    lines = [ln.strip() for ln in corpus if ln.strip()]
     bpe.train_from_iterator(lines, vocab_size=vocab_size, min_frequency=min_frequency,
                             special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], show_progress=False)
     model = json.loads(bpe.to_str())["model"]
@@ -308,7 +319,8 @@ def pad_to_bucket(length: int, buckets: Sequence[int]) -> int:
 
 
 class AudioDataset:
-    """Audio examples from a manifest; targets are CTC char ids (vocab) or a class id (label_map).
+    """Audio examples from manifest rows or a Hugging Face dataset (sources.py); targets are CTC char ids
+    (vocab) or a class id (label_map).
 
     Lengths come from file headers (or a manifest's `frames`, which must count samples at
     target_sr) so batches can be planned without decoding. Utterances longer than `max_samples`
@@ -348,7 +360,7 @@ class AudioDataset:
         return len(self.rows)
 
     def load(self, i: int, rng: np.random.Generator | None = None) -> dict:
-        x = load_audio(self.rows[i]["path"], self.target_sr)
+        x = load_row_audio(self.rows[i], self.target_sr)
         if self.max_samples is not None and len(x) > self.max_samples:
             start = int(rng.integers(len(x) - self.max_samples + 1)) if rng is not None else 0
             x = x[start:start + self.max_samples]
@@ -360,7 +372,7 @@ class AudioDataset:
 
 
 class TextDataset:
-    """Tokenized text examples wrapped in <s> ... </s>, with optional class ids.
+    """Tokenized text examples wrapped in <s> ... </s> (pairs: <s> a </s></s> b </s>), with optional class ids.
 
     Lines longer than max_length tokens are truncated, or with `split_long` (pre-training, no
     labels) cut into several examples so that no text is lost.
@@ -369,7 +381,12 @@ class TextDataset:
     def __init__(self, rows: Sequence[dict], tokenizer, *, max_length: int = 512,
                  label_map: LabelMap | None = None, split_long: bool = False):
         texts = [r["text"] for r in rows]
-        if split_long:
+        pairs = [r["text_pair"] for r in rows] if rows and "text_pair" in rows[0] else None
+        if pairs is not None:  # sentence pairs (e.g. NLI): <s> a </s></s> b </s>, the longer side truncated
+            if split_long:
+                raise ValueError("split_long is for single unlabelled texts, not sentence pairs")
+            enc = tokenizer(texts, pairs, truncation="longest_first", max_length=max_length)["input_ids"]
+        elif split_long:
             if label_map is not None:
                 raise ValueError("split_long is for unlabelled text: it would duplicate labels")
             bos, eos, step = tokenizer.cls_token_id, tokenizer.sep_token_id, max_length - 2

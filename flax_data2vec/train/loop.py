@@ -71,7 +71,7 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule, grad
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         extra = task.after_update(state.extra, params, state.step)
-        metrics = {"loss": num / den, "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step),
+        metrics = {"loss": num / den, "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step),
                    "skipped_steps": skipped_steps(opt_state), **task.step_metrics(state.step), **stats}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra=extra), metrics
 
@@ -217,6 +217,8 @@ class Trainer:
                     f"({jax.devices()[0].platform}), {jax.process_count()} host(s), parallel={cfg.parallel}, "
                     f"fsdp={cfg.fsdp}; padded lengths {self.train_iter.buckets} "
                     f"(at most {len(self.train_iter.buckets)} compiled step shapes)")
+        if self.task.data_note:
+            self._print(self.task.data_note)
         summary: dict[str, Any] = {}
         bar = _progress(cfg.max_steps, start_step, cfg.progress and self.is_main)
         def produce():  # runs in the loader thread; the data position travels with each batch

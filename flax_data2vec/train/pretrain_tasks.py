@@ -11,7 +11,6 @@ text code feeds it only the masked tokens (fairseq#4881, an open bug report), wh
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -26,7 +25,6 @@ from ..layers import mask_to_bias_mask
 from ..masking import compute_span_mask, compute_text_mask
 from ..text import TextEmbeddings, TextEncoder
 from . import data as data_lib
-from .config import REPO_DATA
 from .tasks import PRESETS, Task, _AudioTask, build_module
 from .text_tasks import _TextTask
 
@@ -192,9 +190,8 @@ class AudioPretrainTask(_PretrainTask, _AudioTask):
 
     def setup(self, shard_index=0, num_shards=1):
         cfg = self.cfg
-        path = cfg.train_data or os.path.join(REPO_DATA, "speech_digits/train.jsonl")
-        rows = data_lib.read_manifest(path)
-        eval_rows = data_lib.read_manifest(cfg.eval_data or os.path.join(REPO_DATA, "speech_digits/eval.jsonl"))
+        train, evaluation = self._read(need_text=False)
+        rows, eval_rows = train.rows, evaluation.rows
         max_samples = int(cfg.max_audio_seconds * 16000)
         kw = dict(max_samples=max_samples, crop=True)
         self._iterators(data_lib.AudioDataset(rows, **kw), data_lib.AudioDataset(eval_rows, **kw), shard_index,
@@ -237,12 +234,9 @@ class TextPretrainTask(_PretrainTask, _TextTask):
 
     def setup(self, shard_index=0, num_shards=1):
         cfg = self.cfg
-        corpus = cfg.train_data or os.path.join(REPO_DATA, "text/corpus.txt")
-        rows = data_lib.load_text_lines(corpus)
-        eval_rows = (data_lib.load_text_lines(cfg.eval_data) if cfg.eval_data
-                     else [r for i, r in enumerate(rows) if i % 20 == 0])
-        rows = rows if cfg.eval_data else [r for i, r in enumerate(rows) if i % 20]
-        self.tokenizer = self._tokenizer(corpus)
+        train, evaluation = self.sources("text/corpus.txt")  # no eval set given: every 20th line held out
+        rows, eval_rows = train.rows, evaluation.rows
+        self.tokenizer = self._tokenizer(rows)
         kw = dict(max_length=cfg.max_text_tokens, split_long=True)
         self._iterators(data_lib.TextDataset(rows, self.tokenizer, **kw),
                         data_lib.TextDataset(eval_rows, self.tokenizer, **kw), shard_index, num_shards)

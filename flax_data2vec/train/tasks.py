@@ -21,6 +21,7 @@ from ..audio import conv_output_lengths
 from ..audio_heads import is_feature_encoder_param
 from ..ctc import ctc_loss
 from . import data as data_lib
+from . import sources as sources_lib
 from .config import REPO_DATA, TrainConfig
 from .optim import make_schedule
 
@@ -92,6 +93,7 @@ class Task:
     best_mode: str = "min"
     default_lr: float = 1e-4
     default_schedule: str = "linear"
+    data_note: str = ""  # which data the run reads, for the log
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -129,6 +131,21 @@ class Task:
         """Host-side check on logged metrics; raise to stop the run (pre-training's collapse guard)."""
 
     # -- data ----------------------------------------------------------------------------------
+    def sources(self, default_train: str, default_eval: str = "", *, need_text: bool = True,
+                need_label: bool = False) -> tuple[sources_lib.Source, sources_lib.Source]:
+        """(train, eval) rows from --train-data/--eval-data or the shipped files (paths under data/)."""
+        cfg = self.cfg
+        shipped = not cfg.train_data
+        train_spec = cfg.train_data or os.path.join(REPO_DATA, default_train)
+        default_eval = os.path.join(REPO_DATA, default_eval) if shipped and default_eval else ""
+        columns = sources_lib.Columns(cfg.audio_column, cfg.text_column, cfg.label_column)
+        train, evaluation = sources_lib.train_eval_sources(
+            train_spec, cfg.eval_data, cfg.modality, default_eval=default_eval, columns=columns,
+            need_text=need_text, need_label=need_label)
+        self.data_note = (f"data: train {_short(train.name)} ({len(train.rows)} examples), "
+                          f"eval {_short(evaluation.name)} ({len(evaluation.rows)})")
+        return train, evaluation
+
     def train_batches(self) -> data_lib.BatchIterator:
         return self.train_iter
 
@@ -167,16 +184,16 @@ class Task:
         """Tokenizer / vocabulary files that belong beside the exported model."""
 
 
-def _manifest(cfg_path: str, default: str) -> str:
-    return cfg_path or os.path.join(REPO_DATA, default)
+def _short(name: str) -> str:
+    """Shipped data paths shown relative to the repository's data/ folder."""
+    return name.replace(REPO_DATA + os.sep, "data/")
 
 
 class _AudioTask(Task):
-    def _read(self, shard_index, num_shards, vocab=None, label_map=None):
-        cfg = self.cfg
-        train_rows = data_lib.read_manifest(_manifest(cfg.train_data, "speech_digits/train.jsonl"))
-        eval_rows = data_lib.read_manifest(_manifest(cfg.eval_data, "speech_digits/eval.jsonl"))
-        return train_rows, eval_rows
+    def _read(self, need_text: bool = True, need_label: bool = False):
+        """(train, eval) sources; the shipped default is data/speech_digits."""
+        return self.sources("speech_digits/train.jsonl", "speech_digits/eval.jsonl", need_text=need_text,
+                            need_label=need_label)
 
     def _iterators(self, train_ds, eval_ds, shard_index, num_shards):
         cfg = self.cfg
@@ -214,7 +231,8 @@ class CTCTask(_AudioTask):
 
     def setup(self, shard_index=0, num_shards=1):
         cfg = self.cfg
-        train_rows, eval_rows = self._read(shard_index, num_shards)
+        train, evaluation = self._read()
+        train_rows, eval_rows = train.rows, evaluation.rows
         self.vocab = self._vocab([r.get("text", "") for r in train_rows])
         max_samples = int(cfg.max_audio_seconds * 16000)
         train_ds = data_lib.AudioDataset(train_rows, vocab=self.vocab, max_samples=max_samples)
@@ -302,8 +320,9 @@ class AudioClassificationTask(ClassificationMixin, _AudioTask):
 
     def setup(self, shard_index=0, num_shards=1):
         cfg = self.cfg
-        train_rows, eval_rows = self._read(shard_index, num_shards)
-        self.label_map = data_lib.LabelMap.from_labels(r.get("label") for r in train_rows)
+        train, evaluation = self._read(need_text=False, need_label=True)
+        train_rows, eval_rows = train.rows, evaluation.rows
+        self.label_map = sources_lib.label_map(train)
         max_samples = int(cfg.max_audio_seconds * 16000)
         train_ds = data_lib.AudioDataset(train_rows, label_map=self.label_map, max_samples=max_samples)
         eval_ds = data_lib.AudioDataset(eval_rows, label_map=self.label_map, max_samples=max_samples)

@@ -11,6 +11,7 @@ import optax
 
 from ..masking import compute_text_mask
 from . import data as data_lib
+from . import sources as sources_lib
 from .config import REPO_DATA
 from .tasks import PRESETS, ClassificationMixin, Task, build_module
 
@@ -18,7 +19,8 @@ from .tasks import PRESETS, ClassificationMixin, Task, build_module
 class _TextTask(Task):
     default_lr: float = 1e-4
 
-    def _tokenizer(self, corpus: str):
+    def _tokenizer(self, corpus: list[dict]):
+        """--tokenizer, else the checkpoint's tokenizer, else (presets) a small BPE trained on `corpus` rows."""
         cfg = self.cfg
         if cfg.tokenizer:
             from transformers import AutoTokenizer
@@ -32,7 +34,8 @@ class _TextTask(Task):
                 return AutoTokenizer.from_pretrained(source)
             except (OSError, ValueError) as e:
                 raise ValueError(f"no tokenizer found with model {cfg.model!r}; pass --tokenizer") from e
-        return data_lib.build_small_bpe_tokenizer(corpus, vocab_size=2000)
+        lines = (t for r in corpus for t in (r["text"], r.get("text_pair", "")))
+        return data_lib.build_small_bpe_tokenizer(lines, vocab_size=2000)
 
     def _iterators(self, train_ds, eval_ds, shard_index, num_shards):
         cfg = self.cfg
@@ -66,11 +69,11 @@ class TextClassificationTask(ClassificationMixin, _TextTask):
 
     def setup(self, shard_index=0, num_shards=1):
         cfg = self.cfg
-        train_path = cfg.train_data or os.path.join(REPO_DATA, "text/classify_train.jsonl")
-        eval_path = cfg.eval_data or os.path.join(REPO_DATA, "text/classify_eval.jsonl")
-        train_rows, eval_rows = data_lib.load_text_lines(train_path), data_lib.load_text_lines(eval_path)
-        self.label_map = data_lib.LabelMap.from_labels(r.get("label") for r in train_rows)
-        self.tokenizer = self._tokenizer(os.path.join(REPO_DATA, "text/corpus.txt"))
+        train, evaluation = self.sources("text/classify_train.jsonl", "text/classify_eval.jsonl", need_label=True)
+        train_rows, eval_rows = train.rows, evaluation.rows
+        self.label_map = sources_lib.label_map(train)
+        corpus = train_rows if cfg.train_data else data_lib.load_text_lines(os.path.join(REPO_DATA, "text/corpus.txt"))
+        self.tokenizer = self._tokenizer(corpus)
         kw = dict(max_length=cfg.max_text_tokens, label_map=self.label_map)
         self._iterators(data_lib.TextDataset(train_rows, self.tokenizer, **kw),
                         data_lib.TextDataset(eval_rows, self.tokenizer, **kw), shard_index, num_shards)
@@ -86,14 +89,9 @@ class MLMTask(_TextTask):
 
     def setup(self, shard_index=0, num_shards=1):
         cfg = self.cfg
-        corpus = cfg.train_data or os.path.join(REPO_DATA, "text/corpus.txt")
-        rows = data_lib.load_text_lines(corpus)
-        if cfg.eval_data:
-            train_rows, eval_rows = rows, data_lib.load_text_lines(cfg.eval_data)
-        else:  # hold out every 20th line of the shipped corpus
-            train_rows = [r for i, r in enumerate(rows) if i % 20]
-            eval_rows = [r for i, r in enumerate(rows) if i % 20 == 0]
-        self.tokenizer = self._tokenizer(corpus)
+        train, evaluation = self.sources("text/corpus.txt")  # no eval set given: every 20th line held out
+        train_rows, eval_rows = train.rows, evaluation.rows
+        self.tokenizer = self._tokenizer(train_rows)
         kw = dict(max_length=cfg.max_text_tokens, split_long=True)
         self._iterators(data_lib.TextDataset(train_rows, self.tokenizer, **kw),
                         data_lib.TextDataset(eval_rows, self.tokenizer, **kw), shard_index, num_shards)

@@ -1,0 +1,306 @@
+"""Where training examples come from: local manifests and text files, or Hugging Face `datasets`.
+
+`--train-data` / `--eval-data` take a path (an audio manifest, a text file) or `hf:NAME[:CONFIG][@SPLIT]`,
+e.g. `hf:openslr/librispeech_asr:clean@train.100`, `hf:nyu-mll/glue:sst2@validation` or
+`hf:/data/my_dataset@train[:90%]` (a folder of data files, or one written by `save_to_disk`). Either way
+the result is a `Source`: plain row dicts (`path` or an in-dataset audio reference, `text`, `text_pair`,
+`label`) that the datasets in `data.py` turn into batches. Hugging Face audio is decoded here with
+soundfile from the stored bytes (no torchcodec), and all lengths are read from headers up front so that
+batches can be planned without decoding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import soundfile as sf
+
+from . import data as data_lib
+
+HF_PREFIX = "hf:"
+EVAL_SPLITS = ("validation", "valid", "dev", "test")  # tried in order when no eval split is named
+AUDIO_COLUMNS = ("audio", "speech", "file", "path")
+TEXT_COLUMNS = ("text", "sentence", "transcription", "transcript", "normalized_text", "content")
+LABEL_COLUMNS = ("label", "labels", "intent", "class", "category")
+
+
+@dataclasses.dataclass
+class Source:
+    """Rows of one split plus what is known about them (class names in dataset order, a description)."""
+
+    rows: list[dict]
+    name: str
+    label_names: list[str] | None = None
+
+    def holdout(self, every: int = 20) -> tuple[Source, Source]:
+        """(train, eval): every `every`-th row held out for evaluation, deterministically."""
+        train = [r for i, r in enumerate(self.rows) if i % every]
+        held = [r for i, r in enumerate(self.rows) if i % every == 0]
+        if not train or not held:
+            raise ValueError(f"{self.name} has {len(self.rows)} examples: too few to hold out an eval set; "
+                             "pass --eval-data")
+        return (Source(train, f"{self.name} (all but every {every}th)", self.label_names),
+                Source(held, f"{self.name} (every {every}th, held out)", self.label_names))
+
+
+@dataclasses.dataclass(frozen=True)
+class Columns:
+    """Which dataset columns hold the audio, the text (or "a,b" for a sentence pair) and the label; '' = guess."""
+
+    audio: str = ""
+    text: str = ""
+    label: str = ""
+
+
+# ----------------------------------------------------------------------------- hf: specs
+
+def is_hf(spec: str) -> bool:
+    return spec.startswith(HF_PREFIX)
+
+
+@dataclasses.dataclass(frozen=True)
+class HFSpec:
+    """`hf:NAME[:CONFIG][@SPLIT]` parsed; NAME is a hub id or a local folder."""
+
+    name: str
+    config: str | None = None
+    split: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> HFSpec:
+        body = spec[len(HF_PREFIX):] if is_hf(spec) else spec
+        body, _, split = body.partition("@")
+        name, _, config = body.partition(":")
+        if not name:
+            raise ValueError(f"{spec!r}: expected hf:NAME[:CONFIG][@SPLIT], "
+                             "e.g. hf:openslr/librispeech_asr:clean@train.100")
+        return cls(name, config or None, split or None)
+
+    def __str__(self) -> str:
+        config, split = (f":{self.config}" if self.config else ""), (f"@{self.split}" if self.split else "")
+        return HF_PREFIX + self.name + config + split
+
+    @property
+    def on_disk(self) -> bool:
+        """A folder written by `Dataset(Dict).save_to_disk` (read with load_from_disk)."""
+        return any(os.path.isfile(os.path.join(self.name, f)) for f in ("dataset_dict.json", "state.json"))
+
+
+def _datasets():
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError("hf: data needs the Hugging Face `datasets` package: pip install datasets "
+                          "(or pip install 'flax_data2vec[hf]')") from None
+    datasets.disable_progress_bars()  # keep the training log readable
+    return datasets
+
+
+def split_names(spec: HFSpec) -> list[str]:
+    """The dataset's split names (without downloading the data where the hub allows)."""
+    datasets = _datasets()
+    if spec.on_disk:
+        loaded = datasets.load_from_disk(spec.name)
+        return list(loaded) if isinstance(loaded, datasets.DatasetDict) else ["train"]
+    try:
+        return list(datasets.get_dataset_split_names(spec.name, spec.config))
+    except Exception as e:  # noqa: BLE001 - the hub raises many kinds; all mean "cannot list it"
+        raise ValueError(f"cannot read dataset {spec.name!r}"
+                         f"{f' (config {spec.config!r})' if spec.config else ''}: {e}") from None
+
+
+def load_split(spec: HFSpec, split: str):
+    """One split as a map-style `datasets.Dataset` (slices such as `train[:10%]` allowed)."""
+    datasets = _datasets()
+    if spec.on_disk:
+        loaded = datasets.load_from_disk(spec.name)
+        if not isinstance(loaded, datasets.DatasetDict):
+            loaded = datasets.DatasetDict({"train": loaded})
+        parts = []
+        instructions = datasets.ReadInstruction.from_spec(split)
+        unknown = sorted({i.splitname for i in instructions._relative_instructions} - set(loaded))
+        if unknown:
+            raise ValueError(f"{spec.name} has no split {', '.join(unknown)}; splits: {', '.join(loaded)}")
+        for a in instructions.to_absolute({k: len(v) for k, v in loaded.items()}):
+            parts.append(loaded[a.splitname].select(range(a.from_, a.to)))
+        return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    try:
+        ds = datasets.load_dataset(spec.name, spec.config, split=split)
+    except Exception as e:  # noqa: BLE001 - datasets raises many kinds; the message is what matters
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"cannot load {HFSpec(spec.name, spec.config, split)}: {msg}") from None
+    if not isinstance(ds, datasets.Dataset):
+        raise ValueError(f"{spec} is not a map-style dataset (got {type(ds).__name__}); streaming datasets "
+                         "cannot be resumed exactly, so save a subset with save_to_disk and pass that folder")
+    return ds
+
+
+def _pick(ds, wanted: str, guesses: Sequence[str], what: str, flag: str, feature_type: str | None = None):
+    """The column the user named, else one of the dataset's typed columns, else the first usual name."""
+    columns = list(ds.column_names)
+    if wanted:
+        missing = [c for c in wanted.split(",") if c not in columns]
+        if missing:
+            raise ValueError(f"{what} column {', '.join(missing)} not in the dataset; columns: {', '.join(columns)}")
+        return wanted
+    if feature_type is not None:
+        typed = [c for c, f in ds.features.items() if type(f).__name__ == feature_type]
+        if typed:
+            return typed[0]
+    for g in guesses:
+        if g in columns:
+            return g
+    raise ValueError(f"no {what} column found among {', '.join(columns)}; name it with {flag}")
+
+
+# ----------------------------------------------------------------------------- hf audio
+
+class HFAudioColumn:
+    """Random access to one audio column of a `datasets.Dataset`, decoded with soundfile.
+
+    The column is read undecoded (`Audio(decode=False)`: stored bytes and/or a file path) or is a
+    plain string column of file paths; either way this class does the decoding, mono mixdown and
+    resampling exactly as for manifest files.
+    """
+
+    def __init__(self, ds, column: str):
+        datasets = _datasets()
+        feature = ds.features[column]
+        if isinstance(feature, datasets.Audio):
+            ds = ds.cast_column(column, datasets.Audio(decode=False))
+        elif not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+            raise ValueError(f"audio column {column!r} has type {feature}; expected an Audio feature or file paths")
+        self.ds, self.column = ds.select_columns([column]), column
+
+    def _entry(self, value, index: int):
+        """(a soundfile-readable object, a name for messages) for one stored value."""
+        if isinstance(value, str):
+            return value, value
+        if isinstance(value, dict) and value.get("bytes"):
+            return io.BytesIO(value["bytes"]), value.get("path") or f"row {index}"
+        if isinstance(value, dict) and value.get("path"):
+            return value["path"], value["path"]
+        raise ValueError(f"audio column {self.column!r} row {index} holds no bytes and no path")
+
+    def lengths(self, target_sr: int) -> np.ndarray:
+        """Samples per row after resampling to target_sr, from headers; unreadable/missing rows all named."""
+        out, bad = [], []
+        for i, value in self._iter_values():
+            src, name = self._entry(value, i)
+            try:
+                if isinstance(src, str) and not os.path.isfile(src):
+                    raise FileNotFoundError("file not found")
+                info = sf.info(src)
+                out.append(data_lib._resampled_length(info.frames, info.samplerate, target_sr))
+            except (RuntimeError, OSError) as e:
+                bad.append(f"{name} ({e})")
+                out.append(0)
+        if bad:
+            raise ValueError(f"{len(bad)} of {len(out)} audio rows cannot be read: {data_lib._missing_list(bad)}")
+        return np.array(out, np.int64)
+
+    def _iter_values(self):
+        n = 0
+        for batch in self.ds.iter(batch_size=256):
+            for value in batch[self.column]:
+                yield n, value
+                n += 1
+
+    def read(self, index: int, target_sr: int) -> np.ndarray:
+        src, name = self._entry(self.ds[index][self.column], index)
+        return data_lib.load_audio(src, target_sr, name=name)
+
+
+# ----------------------------------------------------------------------------- readers
+
+def _label_names(ds, column: str) -> list[str] | None:
+    feature = ds.features[column]
+    return list(feature.names) if type(feature).__name__ == "ClassLabel" else None
+
+
+def _hf_rows(spec: HFSpec, split: str, modality: str, columns: Columns, need_text: bool,
+             need_label: bool, target_sr: int) -> Source:
+    ds = load_split(spec, split)
+    name = str(HFSpec(spec.name, spec.config, split))
+    if len(ds) == 0:
+        raise ValueError(f"{name} has no examples")
+    rows: list[dict] = [{} for _ in range(len(ds))]
+    label_names = None
+    if need_label:
+        col = _pick(ds, columns.label, LABEL_COLUMNS, "label", "--label-column", "ClassLabel")
+        label_names = _label_names(ds, col)
+        for row, value in zip(rows, ds[col]):
+            if value is None or (label_names is not None and value < 0):
+                raise ValueError(f"{name}: a row has no label in column {col!r} (unlabelled test split?)")
+            row["label"] = label_names[value] if label_names is not None else value
+    if need_text:
+        col = _pick(ds, columns.text, TEXT_COLUMNS, "text", "--text-column")
+        names = col.split(",")
+        if len(names) > 2 or (len(names) == 2 and modality == "audio"):
+            raise ValueError(f"--text-column takes one column{' or a pair a,b' if modality == 'text' else ''}, "
+                             f"got {col!r}")
+        for key, c in zip(("text", "text_pair"), names):
+            for row, value in zip(rows, ds[c]):
+                row[key] = "" if value is None else str(value)
+    if modality == "audio":
+        col = _pick(ds, columns.audio, AUDIO_COLUMNS, "audio", "--audio-column", "Audio")
+        audio = HFAudioColumn(ds, col)
+        for i, (row, n) in enumerate(zip(rows, audio.lengths(target_sr))):
+            row.update(audio=audio, index=i, frames=int(n))
+    elif not need_label:  # unlabelled text (MLM, pre-training): blank lines carry nothing
+        rows = [r for r in rows if r["text"].strip()]
+        if not rows:
+            raise ValueError(f"{name} has no non-empty text in column {columns.text or 'text'!r}")
+    return Source(rows, name, label_names)
+
+
+def read_source(spec: str, modality: str, *, split: str | None = None, columns: Columns = Columns(),
+                need_text: bool = True, need_label: bool = False, target_sr: int = 16000) -> Source:
+    """Rows from a path (manifest for audio, text file for text) or an `hf:` spec; `split` is the
+    split to read when the spec names none."""
+    if is_hf(spec):
+        parsed = HFSpec.parse(spec)
+        return _hf_rows(parsed, parsed.split or split or "train", modality, columns, need_text, need_label,
+                        target_sr)
+    if modality == "audio":
+        return Source(data_lib.read_manifest(spec), spec)
+    return Source(data_lib.load_text_lines(spec), spec)
+
+
+def train_eval_sources(train_spec: str, eval_spec: str, modality: str, *, default_eval: str = "",
+                       columns: Columns = Columns(), need_text: bool = True, need_label: bool = False,
+                       target_sr: int = 16000) -> tuple[Source, Source]:
+    """(train, eval) sources. Eval is `eval_spec` if given; for an `hf:` train set without a named split,
+    its first split among EVAL_SPLITS; else `default_eval`; else every 20th train row held out."""
+    kw = dict(columns=columns, need_text=need_text, need_label=need_label, target_sr=target_sr)
+    train = read_source(train_spec, modality, split="train", **kw)
+    if not eval_spec and is_hf(train_spec) and HFSpec.parse(train_spec).split is None:
+        spec = HFSpec.parse(train_spec)
+        eval_split = next((s for s in EVAL_SPLITS if s in split_names(spec)), None)
+        if eval_split is not None:
+            eval_spec = str(HFSpec(spec.name, spec.config, eval_split))
+    if not eval_spec and is_hf(train_spec):
+        return train.holdout()
+    eval_spec = eval_spec or default_eval
+    if not eval_spec:
+        return train.holdout()
+    if is_hf(eval_spec) and HFSpec.parse(eval_spec).split is None:
+        spec = HFSpec.parse(eval_spec)
+        names = split_names(spec)
+        split = next((s for s in EVAL_SPLITS if s in names), None)
+        if split is None:
+            raise ValueError(f"{eval_spec}: no split among {', '.join(EVAL_SPLITS)} (has {', '.join(names)}); "
+                             "name one with @SPLIT")
+        eval_spec = str(HFSpec(spec.name, spec.config, split))
+    return train, read_source(eval_spec, modality, **kw)
+
+
+def label_map(train: Source) -> data_lib.LabelMap:
+    """Class ids in the dataset's own order when it declares class names, else sorted label strings."""
+    if train.label_names is not None:
+        return data_lib.LabelMap(train.label_names)
+    return data_lib.LabelMap.from_labels(r.get("label") for r in train.rows)
