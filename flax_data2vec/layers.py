@@ -172,18 +172,38 @@ class _ScanBody(nn.Module):
 
     @nn.compact
     def __call__(self, x, _, mask, encoder_hidden_states, encoder_mask, deterministic, output_attentions, decode):
-        y, extras = self.layer(name="layer")(x, mask, encoder_hidden_states, encoder_mask, deterministic,
-                                            output_attentions, decode)
-        y = _maybe_drop_layer(self, x, y, self.layerdrop, deterministic)
+        y, extras = run_layer(self, lambda parent: self.layer(name="layer", parent=parent), x,
+                              (mask, encoder_hidden_states, encoder_mask, deterministic, output_attentions, decode),
+                              self.layerdrop)
         return y, (y, extras)
 
 
-def _maybe_drop_layer(module: nn.Module, x: Array, y: Array, layerdrop: float, deterministic: bool) -> Array:
-    """LayerDrop: in training, keep the layer's input instead of its output with probability `layerdrop`."""
-    if deterministic or layerdrop <= 0.0:
-        return y
-    skip = jax.random.uniform(module.make_rng("dropout")) < layerdrop
-    return jnp.where(skip, x, y)
+def run_layer(parent: nn.Module, make_layer: Callable[[nn.Module], nn.Module], x: Array, args: tuple,
+              layerdrop: float):
+    """Runs one layer (built under `parent` by `make_layer`) on x, with LayerDrop in training.
+
+    As in transformers, one draw per layer and batch skips the layer with probability `layerdrop`. The skip
+    is a real branch (`nn.cond`), so a skipped layer costs no forward or backward compute; a skipped layer
+    reports zero FFN output. When attention maps are requested, the layer runs and its output is discarded
+    instead, so that every layer returns maps of one shape.
+    """
+    deterministic, output_attentions = args[3], args[4]
+    if deterministic or layerdrop <= 0.0 or parent.is_initializing():
+        return make_layer(parent)(x, *args)
+    skip = jax.random.uniform(parent.make_rng("dropout")) < layerdrop
+    if output_attentions:
+        y, extras = make_layer(parent)(x, *args)
+        return jnp.where(skip, x, y), extras
+
+    def run(module, x):
+        y, (_, _, ffn) = make_layer(module)(x, *args)
+        return y.astype(x.dtype), ffn.astype(x.dtype)
+
+    def keep(module, x):
+        return x, jnp.zeros_like(x)
+
+    y, ffn = nn.cond(skip, keep, run, parent, x)
+    return y, (None, None, ffn)
 
 
 class TransformerStack(nn.Module):
@@ -219,9 +239,9 @@ class TransformerStack(nn.Module):
             return y, hidden_states, extras
         hidden_states, extras = [x], []
         for i in range(self.num_layers):
-            y, ex = layer(name=f"layers_{i}")(x, mask, encoder_hidden_states, encoder_mask, deterministic,
-                                              output_attentions, decode)
-            x = _maybe_drop_layer(self, x, y, self.layerdrop, deterministic)
+            x, ex = run_layer(self, lambda parent, i=i: layer(name=f"layers_{i}", parent=parent), x,
+                              (mask, encoder_hidden_states, encoder_mask, deterministic, output_attentions, decode),
+                              self.layerdrop)
             hidden_states.append(x)
             extras.append(ex)
         return x, tuple(hidden_states), extras

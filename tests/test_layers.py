@@ -1,0 +1,72 @@
+"""The shared Transformer stack: LayerDrop as a real branch (unrolled and scanned)."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flax_data2vec.layers import TransformerLayer, TransformerStack
+
+LAYER = dict(hidden_size=16, num_heads=2, intermediate_size=32)
+N = 3
+
+
+def _layer_params(params, i, scan):
+    if scan:
+        return jax.tree_util.tree_map(lambda t: t[i], params["layers"]["layer"])
+    return params[f"layers_{i}"]
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan"])
+def test_layerdrop_skips_whole_layers_at_random(scan):
+    """Each training output is the stack with some subset of layers run (every subset occurs), skipped
+    layers report zero FFN output and get zero gradient, and the skip is an XLA conditional."""
+    stack = TransformerStack(N, LAYER, layerdrop=0.5, scan_layers=scan)
+    x = jax.random.normal(jax.random.key(0), (2, 5, 16))
+    params = stack.init(jax.random.key(1), x, None)["params"]
+    outcomes = {}
+    for keep in itertools.product((0, 1), repeat=N):
+        h = x
+        for i in np.flatnonzero(keep):
+            h = TransformerLayer(**LAYER).apply({"params": _layer_params(params, i, scan)}, h, None)[0]
+        outcomes[keep] = np.asarray(h)
+
+    def train(p, key):
+        return stack.apply({"params": p}, x, None, deterministic=False, rngs={"dropout": key})
+
+    step = jax.jit(train)
+    seen = {}  # which layers ran -> a key that gave it
+    for s in range(48):
+        key = jax.random.key(100 + s)
+        y, _, extras = step(params, key)
+        match = [k for k, h in outcomes.items() if np.allclose(y, h, atol=1e-5)]
+        assert len(match) == 1, match
+        seen.setdefault(match[0], key)
+        for i, kept in enumerate(match[0]):
+            assert bool(np.abs(np.asarray(extras[i][2])).max() > 0) == bool(kept)
+    assert len(seen) == 2 ** N
+    assert "cond" in str(jax.make_jaxpr(train)(params, jax.random.key(0)))
+
+    keep = (1, 0, 1)
+    key = seen[keep]
+    grads = jax.grad(lambda p: train(p, key)[0].sum())(params)
+    for i, kept in enumerate(keep):
+        norm = sum(float(jnp.abs(g).sum()) for g in jax.tree_util.tree_leaves(_layer_params(grads, i, scan)))
+        assert (norm > 0) == bool(kept), (i, keep, norm)
+
+
+def test_layerdrop_with_attention_maps_and_at_eval():
+    """Asking for attention maps in training still gives every layer's maps; eval ignores layerdrop."""
+    stack = TransformerStack(N, LAYER, layerdrop=1.0)
+    x = jax.random.normal(jax.random.key(0), (2, 5, 16))
+    params = stack.init(jax.random.key(1), x, None)["params"]
+    y, hidden, extras = stack.apply({"params": params}, x, None, deterministic=False, output_attentions=True,
+                                    rngs={"dropout": jax.random.key(3)})
+    np.testing.assert_array_equal(y, x)  # every layer dropped
+    assert all(e[0].shape == (2, 2, 5, 5) for e in extras) and len(hidden) == N + 1
+    full = TransformerStack(N, LAYER).apply({"params": params}, x, None)[0]
+    np.testing.assert_allclose(stack.apply({"params": params}, x, None)[0], full, atol=1e-6)
