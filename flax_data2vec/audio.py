@@ -6,6 +6,7 @@ raw 16 kHz waveforms `(batch, samples)`; the feature encoder turns them into 50 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -95,6 +96,61 @@ class FeatureEncoder(ConfigModule):
         return x
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# grouped positional convolution
+def _plain_conv(x: Array, kernel: Array, padding, groups: int, precision) -> Array:
+    return jax.lax.conv_general_dilated(x, kernel, (1,), padding, dimension_numbers=("NWC", "WIO", "NWC"),
+                                        feature_group_count=groups, precision=precision)
+
+
+def _kernel_grad_taps(x: Array, dy: Array, kernel_shape, padding, groups: int) -> Array:
+    """d(loss)/d(kernel) of a stride-1 grouped 1-D conv as one batched matmul per tap (k of them)."""
+    k, cg, out = kernel_shape
+    batch, t_out = dy.shape[:2]
+    xp = jnp.pad(x, ((0, 0), tuple(padding[0]), (0, 0))).reshape(batch, -1, groups, cg)
+    d = dy.reshape(batch * t_out, groups, out // groups)
+    taps = [jnp.einsum("ngc,ngo->gco", xp[:, i:i + t_out].reshape(batch * t_out, groups, cg), d,
+                       preferred_element_type=jnp.float32) for i in range(k)]
+    return jnp.stack(taps).transpose(0, 2, 1, 3).reshape(k, cg, out)  # (k, g, c, o) -> (k, c, g*o)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _grouped_conv(x: Array, kernel: Array, padding, groups: int, precision) -> Array:
+    return _plain_conv(x, kernel, padding, groups, precision)
+
+
+def _grouped_conv_fwd(x, kernel, padding, groups, precision):
+    return _plain_conv(x, kernel, padding, groups, precision), (x, kernel)
+
+
+def _grouped_conv_bwd(padding, groups, precision, res, dy):
+    x, kernel = res
+    conv = lambda x_, k_: _plain_conv(x_, k_, padding, groups, precision)  # noqa: E731
+    dx, = jax.vjp(lambda x_: conv(x_, kernel), x)[1](dy)
+    # XLA:CPU lowers the grouped conv's kernel gradient ~20x slower than per-tap matmuls (265 vs 12 ms per
+    # base-size layer, benchmarks/README.md); other platforms keep XLA's own.
+    dk = jax.lax.platform_dependent(
+        cpu=lambda: _kernel_grad_taps(x, dy, kernel.shape, padding, groups).astype(kernel.dtype),
+        default=lambda: jax.vjp(lambda k_: conv(x, k_), kernel)[1](dy)[0])
+    return dx, dk
+
+
+_grouped_conv.defvjp(_grouped_conv_fwd, _grouped_conv_bwd)
+
+
+def grouped_conv1d(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                   dimension_numbers=None, feature_group_count=1, precision=None):
+    """`lax.conv_general_dilated` for `nn.Conv(conv_general_dilated=...)`: the same function, with a faster
+    kernel gradient on CPU for the stride-1 grouped 1-D convs of the positional embedding."""
+    simple = (tuple(window_strides) == (1,) and all(d in (None, (1,)) for d in (lhs_dilation, rhs_dilation))
+              and feature_group_count > 1 and lhs.ndim == 3)
+    if not simple:
+        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                            dimension_numbers, feature_group_count, precision=precision)
+    padding = tuple(tuple(p) for p in padding)
+    return _grouped_conv(lhs, rhs, padding, feature_group_count, precision)
+
+
 class PositionalConvEmbedding(ConfigModule):
     """`num_conv_pos_embeddings` grouped convs, each -> parameter-free LayerNorm -> GELU (no weight norm)."""
 
@@ -106,7 +162,7 @@ class PositionalConvEmbedding(ConfigModule):
             x = nn.Conv(c.hidden_size, (k,), padding=[(k // 2, k // 2)],
                         feature_group_count=c.num_conv_pos_embedding_groups, dtype=self.dtype,
                         param_dtype=self.param_dtype, kernel_init=nn.initializers.he_normal(),
-                        name=f"layers_{j}")(x)
+                        conv_general_dilated=grouped_conv1d, name=f"layers_{j}")(x)
             if k % 2 == 0:  # an even kernel with k//2 padding on both sides makes one frame too many
                 x = x[:, :-1]
             x = gelu(layer_norm(c.layer_norm_eps, None, self.dtype, self.param_dtype, affine=False)(x))

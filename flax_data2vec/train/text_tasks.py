@@ -19,8 +19,9 @@ from .tasks import PRESETS, ClassificationMixin, Task, build_module
 class _TextTask(Task):
     default_lr: float = 1e-4
 
-    def _tokenizer(self, corpus: list[dict]):
-        """--tokenizer, else the checkpoint's tokenizer, else (presets) a small BPE trained on `corpus` rows."""
+    def _tokenizer(self, train_rows: list[dict]):
+        """--tokenizer, else the checkpoint's tokenizer, else (presets) a small BPE trained on the training
+        text (for the shipped data: on the whole shipped corpus)."""
         cfg = self.cfg
         if cfg.tokenizer:
             from transformers import AutoTokenizer
@@ -34,7 +35,9 @@ class _TextTask(Task):
                 return AutoTokenizer.from_pretrained(source)
             except (OSError, ValueError) as e:
                 raise ValueError(f"no tokenizer found with model {cfg.model!r}; pass --tokenizer") from e
-        lines = (t for r in corpus for t in (r["text"], r.get("text_pair", "")))
+        if not cfg.train_data:
+            train_rows = data_lib.load_text_lines(os.path.join(REPO_DATA, "text/corpus.txt"))
+        lines = (t for r in train_rows for t in (r["text"], r.get("text_pair", "")))
         return data_lib.build_small_bpe_tokenizer(lines, vocab_size=2000)
 
     def _iterators(self, train_ds, eval_ds, shard_index, num_shards):
@@ -72,8 +75,7 @@ class TextClassificationTask(ClassificationMixin, _TextTask):
         train, evaluation = self.sources("text/classify_train.jsonl", "text/classify_eval.jsonl", need_label=True)
         train_rows, eval_rows = train.rows, evaluation.rows
         self.label_map = sources_lib.label_map(train)
-        corpus = train_rows if cfg.train_data else data_lib.load_text_lines(os.path.join(REPO_DATA, "text/corpus.txt"))
-        self.tokenizer = self._tokenizer(corpus)
+        self.tokenizer = self._tokenizer(train_rows)
         kw = dict(max_length=cfg.max_text_tokens, label_map=self.label_map)
         self._iterators(data_lib.TextDataset(train_rows, self.tokenizer, **kw),
                         data_lib.TextDataset(eval_rows, self.tokenizer, **kw), shard_index, num_shards)
