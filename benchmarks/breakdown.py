@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from benchmarks import common, models, pieces
+from benchmarks import common, models
 from benchmarks.train_step import adamw, mlm_batch
 from flax_data2vec.audio import PositionalConvEmbedding
 from flax_data2vec.ctc import ctc_loss
@@ -52,7 +52,7 @@ def text_pieces(args) -> list:
         return module.apply({"params": p}, ids, labels=labels, deterministic=det, rngs={"dropout": rng}).loss
 
     def loss_masked(p):
-        return pieces.masked_mlm_loss(module, p, ids, positions, targets, rng)
+        return models.masked_mlm_loss(module, p, ids, positions, targets, rng)
 
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     tx = adamw()
@@ -136,17 +136,8 @@ def audio_pieces(args) -> list:
         f"positional convs fwd+bwd ({batch}x{frames}x{h})": (
             jax.grad(lambda p, v: jnp.sum(pos.apply({"params": p}, v) ** 2), argnums=(0, 1)),
             (pos_params, jnp.asarray(x)), _torch_grad(tmodel.data2vec_audio.encoder.pos_conv_embed, x, tdev)),
-        f"positional convs fwd+bwd ({batch}x{frames}x{h}), unfold+einsum (pieces.py)": (
-            jax.grad(lambda p, v: jnp.sum(pieces.positional_convs_unfold(module.config, p, v) ** 2), argnums=(0, 1)),
-            (pos_params, jnp.asarray(x)), _torch_grad(tmodel.data2vec_audio.encoder.pos_conv_embed, x, tdev)),
-        f"positional convs fwd+bwd ({batch}x{frames}x{h}), per-tap kernel grad (pieces.py)": (
-            jax.grad(lambda p, v: jnp.sum(pieces.positional_convs(module.config, p, v) ** 2), argnums=(0, 1)),
-            (pos_params, jnp.asarray(x)), _torch_grad(tmodel.data2vec_audio.encoder.pos_conv_embed, x, tdev)),
         f"positional convs fwd only ({batch}x{frames}x{h})": (
             lambda p, v: pos.apply({"params": p}, v), (pos_params, jnp.asarray(x)),
-            _torch_fwd(tmodel.data2vec_audio.encoder.pos_conv_embed, x, tdev)),
-        f"positional convs fwd only ({batch}x{frames}x{h}), unfold+einsum (pieces.py)": (
-            lambda p, v: pieces.positional_convs_unfold(module.config, p, v), (pos_params, jnp.asarray(x)),
             _torch_fwd(tmodel.data2vec_audio.encoder.pos_conv_embed, x, tdev)),
         f"CTC loss fwd+bwd ({batch}x{frames}x{cfg.vocab_size})": (
             jax.grad(lambda lg, lab: ctc_loss(lg, ctc_len, lab, cfg.pad_token_id, "sum")), (jnp.asarray(logits), jl),

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from benchmarks import common, models, pieces
+from benchmarks import common, models
 from flax_data2vec.audio import FeatureEncoder
 from flax_data2vec.registry import from_transformers
 
@@ -90,35 +90,23 @@ def bench_audio(args, device: str, rows: list, extra: dict) -> None:
     j_wave = jnp.asarray(wave)
     workload = f"audio Data2VecAudioModel fwd {batch}x{seconds:g}s ({frames} frames)"
 
-    # (dtype, bf16, attention implementation, frame-axis multiple inside the encoder (0: the package's model),
-    #  positional convs as unfold + einsum)
-    variants = [("float32", False, None, 0, False), ("float32", False, None, 128, False),
-                ("float32", False, None, 1, True)]
+    # (dtype, bf16, attention implementation, frame-axis multiple inside the encoder)
+    variants = [("float32", False, None, 1), ("float32", False, None, 128)]
     if device == "gpu":  # cuDNN flash attention refuses T=499: it needs the padded frame axis
-        variants += [("bfloat16", True, None, 0, False), ("bfloat16", True, "cudnn", 128, False)]
+        variants += [("bfloat16", True, None, 1), ("bfloat16", True, "cudnn", 128)]
     unpadded_out = {}
-    for dtype_name, bf16, attn, padded, unfold in variants:
+    for dtype_name, bf16, attn, multiple in variants:
         wl = f"{workload} {dtype_name}"
         fns, compile_s = {}, {}
         torch_name = f"torch eager sdpa{' +autocast' if bf16 else ''}"
-        if not padded:
+        if multiple == 1:
             fns[torch_name] = _torch_forward(tmodel, t_in, tdev, bf16)
         module, params = from_transformers(tmodel, dtype=jnp.bfloat16 if bf16 else jnp.float32,
-                                           attention_implementation=attn)
-        if padded:
-            name = f"flax jit {attn or 'xla'} attention" + (
-                f", frames padded to {padded_frames}" if padded > 1 else "") + (
-                ", pos convs as unfold+einsum (pieces.py)" if unfold else "")
-            fwd = jax.jit(lambda p, x, module=module, m=padded, u=unfold: pieces.audio_hidden_padded(
-                module, p, x, m, pos_conv_impl="unfold" if u else None))
-            compiled, compile_s[name] = common.compile_jit(fwd, params, j_wave)
-            fns[name] = lambda compiled=compiled, params=params: common.jax_sync(compiled(params, j_wave))
-            flops = common.xla_flops(compiled)
-        else:
-            name = f"flax jit {attn or 'xla'} attention"
-            fns[name], compiled, compile_s[name], flops = _flax_forward(module, params, (j_wave,), text=False)
+                                           attention_implementation=attn, frame_multiple=multiple)
+        name = f"flax jit {attn or 'xla'} attention" + (f", frames padded to {padded_frames}" if multiple > 1 else "")
+        fns[name], compiled, compile_s[name], flops = _flax_forward(module, params, (j_wave,), text=False)
         out = np.asarray(compiled(params, j_wave), np.float32)
-        if not padded:
+        if multiple == 1:
             unpadded_out[dtype_name] = out
             if not bf16:
                 with torch.inference_mode():

@@ -77,3 +77,13 @@ def pad_audio_to_frame_multiple(wave: np.ndarray, config, multiple: int = CUDNN_
     mask = np.zeros((batch, padded_samples), np.int32)
     mask[:, :samples] = 1
     return out, mask, frames
+
+
+def masked_mlm_loss(module, params: dict, input_ids, positions, targets, rng, deterministic: bool = False):
+    """Data2VecTextForMaskedLM's loss with the LM head run only at `positions` (batch, k) against `targets`
+    (batch, k), through the package's `masked_positions`; equals the full head's loss with labels = targets
+    there and -100 elsewhere."""
+    from flax_data2vec import losses
+    logits = module.apply({"params": params}, input_ids, masked_positions=positions, deterministic=deterministic,
+                          rngs=None if deterministic else {"dropout": rng}).logits
+    return losses.cross_entropy(logits, targets)

@@ -6,10 +6,11 @@
 
 Text: Data2VecTextForMaskedLM, 15% of positions per row masked (a static count), labels -100 elsewhere.
 Flax variants: the package's full head (logits for every token), the same with `scan_layers=True` (compile
-time), and the head on the masked positions only (benchmarks/pieces.py). Audio: Data2VecAudioForCTC with the
+time), and the head on the masked positions only (`masked_positions`). Audio: Data2VecAudioForCTC with the
 feature encoder frozen (torch `freeze_feature_encoder()`, flax `freeze_feature_encoder=True` plus no optimizer
-update for its params), SpecAugment and dropout on as in training; layerdrop set to 0 in both (the flax stack
-computes dropped layers anyway, torch skips them, so a random number of skipped layers would add noise).
+update for its params), SpecAugment and dropout on as in training; layerdrop set to 0 in both (both skip dropped
+layers, but a random number of skipped layers per step would add noise to the timings). On GPU the cuDNN
+variant pads the frame axis to a multiple of 128 inside the encoder (`frame_multiple=128`).
 On GPU the attention dropout is set to 0 in every variant: flax runs its explicit-softmax path whenever
 attention dropout is active, and cuDNN attention needs it off.
 """
@@ -24,7 +25,7 @@ import numpy as np
 import optax
 import torch
 
-from benchmarks import common, models, pieces
+from benchmarks import common, models
 from flax_data2vec.registry import from_transformers
 
 LR, BETAS, EPS, WD = 1e-4, (0.9, 0.98), 1e-6, 0.01
@@ -113,7 +114,7 @@ def bench_text(args, rows: list, extra: dict) -> None:
                                               rngs={"dropout": rng}).loss
 
     def masked_loss(module):
-        return lambda p, b, rng: pieces.masked_mlm_loss(module, p, b["ids"], b["positions"], b["targets"], rng)
+        return lambda p, b, rng: models.masked_mlm_loss(module, p, b["ids"], b["positions"], b["targets"], rng)
 
     variants = [  # name, module options, loss builder, batch
         ("flax jit, full head", dict(), full_loss, full_batch),
@@ -151,7 +152,7 @@ def _check_masked_loss(tmodel, full_batch, masked_batch, extra) -> None:
     """The masked-only head gives the full head's loss (deterministic, same params)."""
     module, params = from_transformers(tmodel)
     full = module.apply({"params": params}, full_batch["ids"], labels=full_batch["labels"]).loss
-    masked = pieces.masked_mlm_loss(module, params, masked_batch["ids"], masked_batch["positions"],
+    masked = models.masked_mlm_loss(module, params, masked_batch["ids"], masked_batch["positions"],
                                     masked_batch["targets"], None, deterministic=True)
     tmodel.eval()
     with torch.no_grad():
@@ -191,21 +192,10 @@ def bench_audio(args, rows: list, extra: dict) -> None:
         return lambda p, b, rng: module.apply({"params": p}, b["wave"], labels=b["labels"], deterministic=False,
                                               rngs={"dropout": rng}).loss
 
-    def padded_loss(module, multiple=128, pos_conv_impl=None):
-        return lambda p, b, rng: pieces.ctc_loss_padded(module, p, b["wave"], b["labels"], rng, multiple,
-                                                        pos_conv_impl=pos_conv_impl)
-
-    def taps_loss(module):
-        return padded_loss(module, multiple=1, pos_conv_impl="taps")
-
-    variants = [("flax jit", dict(), module_loss), ("flax jit, scan_layers", dict(scan_layers=True), module_loss),
-                ("flax jit, pos-conv kernel grad as per-tap matmuls (pieces.py)", dict(), taps_loss)]
+    variants = [("flax jit", dict(), module_loss), ("flax jit, scan_layers", dict(scan_layers=True), module_loss)]
     if gpu:
         variants.append((f"flax jit cudnn, frames padded to {-(-frames // 128) * 128}",
-                         dict(attention_implementation="cudnn"), padded_loss))
-    if args.quick:
-        _check_padded_ctc(tmodel, jbatch, extra)
-        _check_taps_grad(tmodel, jbatch, extra)
+                         dict(attention_implementation="cudnn", frame_multiple=128), module_loss))
 
     torch_name = "torch eager sdpa" + (" +autocast, fused AdamW" if gpu else ", AdamW")
     torch_losses: list = []
@@ -225,29 +215,6 @@ def bench_audio(args, rows: list, extra: dict) -> None:
     extra[f"{wl}: first-step loss"] = {torch_name: round(torch_losses[0], 3),
                                        **{n: round(float(t.losses[0]), 3) for n, t in trainers.items()}}
     _add_rows(rows, wl, timings, flops, batch * seconds, "audio-s", torch_name)
-
-
-def _check_padded_ctc(tmodel, jbatch, extra) -> None:
-    """The padded-frame CTC loss equals the module's (eval mode, a fixed SpecAugment mask)."""
-    module, params = from_transformers(tmodel, freeze_feature_encoder=True)
-    frames = models.frames_for(module.config, jbatch["wave"].shape[1])
-    mask = jnp.zeros((jbatch["wave"].shape[0], frames), bool).at[:, 3:8].set(True)
-    ref = module.apply({"params": params}, jbatch["wave"], labels=jbatch["labels"], mask_time_indices=mask).loss
-    padded = pieces.ctc_loss_padded(module, params, jbatch["wave"], jbatch["labels"], None, deterministic=True,
-                                    mask_time_indices=mask)
-    extra["check: CTC loss flax module / padded-frame pieces (eval mode)"] = (round(float(ref), 5),
-                                                                              round(float(padded), 5))
-
-
-def _check_taps_grad(tmodel, jbatch, extra) -> None:
-    """The custom-VJP positional convs give the module's gradients (eval mode, no SpecAugment)."""
-    module, params = from_transformers(tmodel, freeze_feature_encoder=True)
-    ref = jax.grad(lambda p: module.apply({"params": p}, jbatch["wave"], labels=jbatch["labels"]).loss)(params)
-    new = jax.grad(lambda p: pieces.ctc_loss_padded(module, p, jbatch["wave"], jbatch["labels"], None, 1, True,
-                                                    pos_conv_impl="taps"))(params)
-    err = max(float(jnp.abs(a - b).max() / (jnp.abs(a).max() + 1e-12))
-              for a, b in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(new)))
-    extra["check: max relative grad error, per-tap pos-conv VJP vs module"] = err
 
 
 def main(argv=None) -> None:

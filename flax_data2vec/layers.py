@@ -8,6 +8,7 @@ layer) and/or under `nn.remat`; parameter names stay the same so the weight tabl
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -81,6 +82,12 @@ class Attention(nn.Module):
         dropout_active = self.dropout_rate > 0.0 and not deterministic
         weights = None
         if output_attentions or dropout_active:
+            if self.implementation == "cudnn":  # warned once per trace, not per step
+                why = "attention weights were requested" if output_attentions else \
+                    f"attention dropout ({self.dropout_rate}) is active in training"
+                warnings.warn(f"attention_implementation='cudnn' is not used because {why}; the explicit "
+                              "softmax runs instead (set attention_dropout=0 for cuDNN attention in training)",
+                              stacklevel=2)
             scale = head_dim ** -0.5
             logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
             if mask is not None:

@@ -70,3 +70,14 @@ def test_layerdrop_with_attention_maps_and_at_eval():
     assert all(e[0].shape == (2, 2, 5, 5) for e in extras) and len(hidden) == N + 1
     full = TransformerStack(N, LAYER).apply({"params": params}, x, None)[0]
     np.testing.assert_allclose(stack.apply({"params": params}, x, None)[0], full, atol=1e-6)
+
+
+def test_cudnn_request_falls_back_with_a_warning_when_dropout_is_active():
+    """Attention dropout needs the explicit softmax; asking for cuDNN then says so instead of ignoring it."""
+    from flax_data2vec.layers import Attention
+
+    attn = Attention(2, 16, dropout_rate=0.1, implementation="cudnn")
+    x = jax.random.normal(jax.random.key(0), (1, 4, 16))
+    params = attn.clone(implementation=None).init(jax.random.key(1), x)["params"]  # no cuDNN on this CPU
+    with pytest.warns(UserWarning, match="cudnn' is not used because attention dropout"):
+        attn.apply({"params": params}, x, deterministic=False, rngs={"dropout": jax.random.key(2)})
