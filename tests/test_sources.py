@@ -36,6 +36,11 @@ def _audio_dataset(rows, names):
     return Dataset.from_dict(data, features=plain).cast_column("audio", Audio())
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLAX_DATA2VEC_CACHE", str(tmp_path / "cache"))
+
+
 @pytest.fixture(scope="module")
 def audio_sets(tmp_path_factory):
     """(parquet folder with train/validation files, save_to_disk folder, the manifest rows, class names)."""
@@ -185,3 +190,20 @@ def test_train_tpu_reads_hf_data(audio_sets, tmp_path):
     assert [r["eval_count"] for r in rows if "eval_count" in r] == [8.0]
     module, _ = load(str(out))
     assert [name for _, name in module.config.id2label] == audio_sets[4]
+
+
+def test_audio_lengths_are_cached_by_fingerprint(audio_sets, tmp_path, monkeypatch):
+    """A second read of the same split takes the lengths from the cache (no header read); another split or
+    slice has another fingerprint and is read afresh."""
+    spec = "hf:" + audio_sets[1]
+    first = S.read_source(spec, "audio")
+    assert len(os.listdir(tmp_path / "cache" / "lengths")) == 1
+
+    def no_reads(*a, **k):
+        raise AssertionError("header read despite the cache")
+
+    monkeypatch.setattr(S.sf, "info", no_reads)
+    again = S.read_source(spec, "audio")
+    assert [r["frames"] for r in again.rows] == [r["frames"] for r in first.rows]
+    with pytest.raises(AssertionError, match="header read"):
+        S.read_source(spec + "@train[:3]", "audio")

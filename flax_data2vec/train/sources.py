@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import soundfile as sf
+from tqdm import tqdm
 
 from . import data as data_lib
 
@@ -187,10 +188,23 @@ class HFAudioColumn:
         raise ValueError(f"audio column {self.column!r} row {index} holds no bytes and no path")
 
     def lengths(self, target_sr: int) -> np.ndarray:
-        """Samples per row after resampling to target_sr, from headers; unreadable/missing rows all named."""
-        out, bad = [], []
-        for i, value in self._iter_values():
+        """Samples per row after resampling to target_sr, from headers; unreadable/missing rows all named.
+
+        When every row embeds its bytes, the lengths are cached by the dataset's fingerprint under
+        `$FLAX_DATA2VEC_CACHE/lengths`, so a restarted (e.g. preempted) job on a large dataset does not read
+        every header again.
+        """
+        cache = self._cache_path(target_sr)
+        if cache and os.path.isfile(cache):
+            cached = np.load(cache)
+            if len(cached) == len(self.ds):
+                return cached
+        out, bad, embedded = [], [], True
+        rows = tqdm(self._iter_values(), total=len(self.ds), desc="audio lengths", unit="row",
+                    disable=len(self.ds) < 20_000, mininterval=5)
+        for i, value in rows:
             src, name = self._entry(value, i)
+            embedded &= not isinstance(src, str)
             try:
                 if isinstance(src, str) and not os.path.isfile(src):
                     raise FileNotFoundError("file not found")
@@ -201,7 +215,20 @@ class HFAudioColumn:
                 out.append(0)
         if bad:
             raise ValueError(f"{len(bad)} of {len(out)} audio rows cannot be read: {data_lib._missing_list(bad)}")
-        return np.array(out, np.int64)
+        lengths = np.array(out, np.int64)
+        if cache and embedded:  # files outside the dataset could change under the same fingerprint
+            os.makedirs(os.path.dirname(cache), exist_ok=True)
+            tmp = f"{cache}.{os.getpid()}.tmp.npy"
+            np.save(tmp, lengths)
+            os.replace(tmp, cache)  # atomic: concurrent hosts write the same bytes
+        return lengths
+
+    def _cache_path(self, target_sr: int) -> str | None:
+        fingerprint = getattr(self.ds, "_fingerprint", None)
+        if not fingerprint:
+            return None
+        from ..hub import cache_dir
+        return os.path.join(cache_dir(), "lengths", f"{fingerprint}-{self.column}-{target_sr}.npy")
 
     def _iter_values(self):
         n = 0
