@@ -189,3 +189,12 @@ def test_bad_input_fails_before_compiling(tmp_path, case):
     if case != "other_model":
         assert not os.path.isdir(tmp_path / "out" / "checkpoints") or not os.listdir(tmp_path / "out" / "checkpoints")
     assert time.time() - start < 120
+
+
+def test_benchmark_reports_step_throughput_and_torch(tmp_path):
+    """`--benchmark` on the MLM task (masked-position targets are expanded for transformers' loss)."""
+    out = run(["--task", "mlm", "--benchmark", "--batch-size", "4", "--max-text-tokens", "32",
+               "--n-buckets", "1", "--output-dir", str(tmp_path / "bench")]).stdout
+    fields = dict(line.strip().split(": ", 1) for line in out.splitlines() if ": " in line)
+    assert float(fields["step_ms"]) > 0 and float(fields["tokens_per_s"]) > 0 and float(fields["compile_s"]) > 0
+    assert float(fields["torch_step_ms"]) > 0 and "speedup_vs_torch" in fields

@@ -91,8 +91,15 @@ def _torch_step_ms(trainer: Trainer, batch: dict, repeats: int, warmup: int) -> 
         model.freeze_feature_encoder()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     key = "input_values" if "input_values" in batch else "input_ids"
+    labels = np.asarray(batch["labels"])
+    if "positions" in batch:  # MLM: (batch, k) targets at masked positions -> transformers' (batch, T), -100 elsewhere
+        full = np.full(batch[key].shape, -100, np.int64)
+        rows = np.arange(labels.shape[0])[:, None]
+        keep = labels >= 0
+        full[np.broadcast_to(rows, labels.shape)[keep], np.asarray(batch["positions"])[keep]] = labels[keep]
+        labels = full
     inputs = {key: torch.tensor(batch[key]), "attention_mask": torch.tensor(batch["attention_mask"]),
-              "labels": torch.tensor(batch["labels"]).long()}
+              "labels": torch.tensor(labels).long()}
 
     def step():
         opt.zero_grad(set_to_none=True)
