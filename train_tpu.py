@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    keys = [k for k in ("loss", "eval_loss", "eval_cer", "eval_wer", "eval_accuracy", "eval_perplexity",
+    keys = [k for k in ("loss", "eval_loss", "eval_cer", "eval_wer", "eval_accuracy", "eval_f1", "eval_perplexity",
                         "skipped_steps") if k in summary]
     print("summary: " + ", ".join(f"{k}={summary[k]:.4f}" for k in keys), flush=True)
     return 0

@@ -332,3 +332,11 @@ def test_prefetch_propagates_errors_and_stops():
     del abandoned  # dropped without close(): its thread must still end
     thread.join(timeout=5)
     assert not thread.is_alive()
+
+
+def test_truecasing_examples():
+    """The shipped token-classification default: lower-cased words tagged by their original case."""
+    rows = D.truecasing_rows(["Mr. DARCY said no to Elizabeth", "", "a 1811 I"])
+    assert rows[0] == {"tokens": ["mr.", "darcy", "said", "no", "to", "elizabeth"],
+                       "tags": ["Cap", "UPPER", "O", "O", "O", "Cap"]}
+    assert rows[1] == {"tokens": ["a", "1811", "i"], "tags": ["O", "O", "Cap"]}

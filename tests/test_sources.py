@@ -207,3 +207,67 @@ def test_audio_lengths_are_cached_by_fingerprint(audio_sets, tmp_path, monkeypat
     assert [r["frames"] for r in again.rows] == [r["frames"] for r in first.rows]
     with pytest.raises(AssertionError, match="header read"):
         S.read_source(spec + "@train[:3]", "audio")
+
+
+def _ner_dataset(path):
+    """A small IOB-tagged set: capitalised words not starting a line are PER (B-/I- by run)."""
+    lines = [ln.split() for ln in open(os.path.join(TEXT, "corpus.txt"), encoding="utf-8").read().splitlines()[:60]]
+    names = ["O", "B-PER", "I-PER"]
+    tokens, tags = [], []
+    for words in lines:
+        words = words[:20]
+        t, prev = [], "O"
+        for i, w in enumerate(words):
+            cap = i > 0 and w[:1].isupper()
+            t.append(0 if not cap else (2 if prev != "O" else 1))
+            prev = "O" if not cap else "PER"
+        tokens.append(words)
+        tags.append(t)
+    feats = Features({"tokens": datasets.List(Value("string")), "ner_tags": datasets.List(ClassLabel(names=names))})
+    ds = Dataset.from_dict({"tokens": tokens, "ner_tags": tags}, features=feats)
+    DatasetDict({"train": ds.select(range(48)), "validation": ds.select(range(48, 60))}).save_to_disk(str(path))
+    return names
+
+
+def test_token_tags_from_hf_and_subword_alignment(tmp_path):
+    names = _ner_dataset(tmp_path / "ner")
+    train, evaluation = S.train_eval_sources(f"hf:{tmp_path / 'ner'}", "", "text", tagged=True)
+    assert train.label_names == names and len(evaluation.rows) == 12
+    row = train.rows[0]
+    assert len(row["tokens"]) == len(row["tags"]) and set(row["tags"]) <= set(names)
+    tok = D.build_small_bpe_tokenizer(os.path.join(TEXT, "corpus.txt"), vocab_size=400)
+    labels = S.label_map(train)
+    ds = D.TaggedTextDataset(train.rows, tok, labels, max_length=512)
+    ex = ds.load(0)
+    ids, tags = list(ex["input_ids"]), list(ex["labels"])
+    assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id and tags[0] == tags[-1] == -100
+    # each word: its sub-tokens, the first carrying the word's tag
+    pos = 1
+    for word, tag in zip(row["tokens"], row["tags"]):
+        pieces = tok(" " + word, add_special_tokens=False)["input_ids"]
+        assert ids[pos:pos + len(pieces)] == pieces
+        assert tags[pos:pos + len(pieces)] == [labels.index[tag]] + [-100] * (len(pieces) - 1)
+        pos += len(pieces)
+    assert pos == len(ids) - 1
+    short = D.TaggedTextDataset(train.rows[:1], tok, labels, max_length=8).load(0)
+    assert len(short["input_ids"]) == 8 and short["input_ids"][-1] == tok.sep_token_id
+    with pytest.raises(ValueError, match="token classification needs JSONL rows with 'tokens' and 'tags'"):
+        S.read_source(os.path.join(TEXT, "corpus.txt"), "text", tagged=True)
+
+
+def test_train_tpu_token_classification_on_iob_tags(tmp_path):
+    """--task token-classification on an hf: IOB set: entity F1 (seqeval) is the tracked metric."""
+    from flax_data2vec import load
+    from flax_data2vec.train.config import parse_args
+    from flax_data2vec.train.loop import train
+
+    names = _ner_dataset(tmp_path / "ner")
+    out = tmp_path / "run"
+    cfg = parse_args(["--task", "token-classification", "--train-data", f"hf:{tmp_path / 'ner'}", "--max-steps", "2",
+                      "--eval-every", "2", "--save-every", "2", "--batch-size", "8", "--n-buckets", "1",
+                      "--max-text-tokens", "48", "--progress", "false", "--async-checkpointing", "false",
+                      "--output-dir", str(out)])
+    summary = train(cfg)
+    assert 0.0 <= summary["eval_f1"] <= 1.0 and 0.0 <= summary["eval_accuracy"] <= 1.0
+    module, _ = load(str(out))
+    assert [name for _, name in module.config.id2label] == names

@@ -16,7 +16,8 @@ from typing import Any, Sequence
 
 REPO_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "data")
 
-TASKS = ("ctc", "audio-classification", "text-classification", "mlm", "pretrain-audio", "pretrain-text")
+TASKS = ("ctc", "audio-classification", "text-classification", "token-classification", "mlm", "pretrain-audio",
+         "pretrain-text")
 
 
 @dataclasses.dataclass(frozen=True)

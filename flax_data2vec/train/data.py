@@ -252,7 +252,8 @@ class LabelMap:
 # ----------------------------------------------------------------------------- text
 
 def load_text_lines(path: str) -> list[dict]:
-    """Reads text examples as dicts with `text` (and `label` if present) from .txt, .jsonl or .csv."""
+    """Reads text examples as dicts with `text` (and `label` if present) from .txt, .jsonl or .csv; JSONL
+    rows may instead hold pre-split `tokens` with one `tags` entry each (token classification)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"text file not found: {path}")
     with open(path, encoding="utf-8", newline="") as f:
@@ -266,9 +267,9 @@ def load_text_lines(path: str) -> list[dict]:
             for n, line in enumerate(f, 1):
                 if line.strip():
                     row = json.loads(line)
-                    if not isinstance(row, dict) or "text" not in row:
-                        raise ValueError(f"{path} line {n} has no 'text' key")
-                    rows.append({k: v for k, v in row.items() if k in ("text", "label")})
+                    if not isinstance(row, dict) or not ("text" in row or "tokens" in row):
+                        raise ValueError(f"{path} line {n} has no 'text' (or 'tokens') key")
+                    rows.append({k: v for k, v in row.items() if k in ("text", "label", "tokens", "tags")})
         else:
             rows = [{"text": ln.strip()} for ln in f if ln.strip()]
     if not rows:
@@ -409,6 +410,67 @@ class TextDataset:
         if self.targets is not None:
             out["labels"] = self.targets[i]
         return out
+
+
+def truecase_tags(words: Sequence[str]) -> list[str]:
+    """Capitalisation class of each word: UPPER (all caps, 2+ letters), Cap (first letter upper) or O."""
+    tags = []
+    for w in words:
+        letters = [c for c in w if c.isalpha()]
+        if len(letters) > 1 and all(c.isupper() for c in letters):
+            tags.append("UPPER")
+        elif letters and letters[0].isupper():
+            tags.append("Cap")
+        else:
+            tags.append("O")
+    return tags
+
+
+def truecasing_rows(lines: Iterable[str]) -> list[dict]:
+    """Token-classification examples from plain text: lower-cased words tagged with their original case
+    (`truecase_tags`); the shipped default for `--task token-classification`."""
+    rows = []
+    for line in lines:
+        words = line.split()
+        if words:
+            rows.append({"tokens": [w.lower() for w in words], "tags": truecase_tags(words)})
+    return rows
+
+
+class TaggedTextDataset:
+    """Pre-split words with one tag each (NER, POS, truecasing), as Data2VecTextForTokenClassification wants.
+
+    Words are tokenized one by one with a leading space (RoBERTa's `add_prefix_space` convention, valid for
+    any tokenizer); the first sub-token of a word carries its tag id and the others -100, as do <s> and </s>.
+    Examples longer than max_length tokens are truncated (words past the end lose their tags).
+    """
+
+    def __init__(self, rows: Sequence[dict], tokenizer, label_map: LabelMap, *, max_length: int = 512):
+        words = [w for r in rows for w in r["tokens"]]
+        pieces = tokenizer([" " + w for w in words], add_special_tokens=False)["input_ids"] if words else []
+        tag_ids = label_map.encode(t for r in rows for t in r["tags"])
+        bos, eos = tokenizer.cls_token_id, tokenizer.sep_token_id
+        self.ids, self.tags, k = [], [], 0
+        for r in rows:
+            if len(r["tokens"]) != len(r["tags"]):
+                raise ValueError(f"{len(r['tokens'])} words but {len(r['tags'])} tags in {r['tokens'][:8]}...")
+            ids, tags = [bos], [IGNORE_INDEX]
+            for _ in r["tokens"]:
+                ids += pieces[k] or [tokenizer.unk_token_id]
+                tags += [tag_ids[k]] + [IGNORE_INDEX] * (max(len(pieces[k]), 1) - 1)
+                k += 1
+            ids, tags = ids[:max_length - 1] + [eos], tags[:max_length - 1] + [IGNORE_INDEX]
+            self.ids.append(np.array(ids, np.int32))
+            self.tags.append(np.array(tags, np.int32))
+        self.lengths = np.array([len(i) for i in self.ids], dtype=np.int64)
+        self.label_lengths = self.lengths  # labels run along the tokens: one width per bucket
+        self.pad_value = tokenizer.pad_token_id
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load(self, i: int, rng: np.random.Generator | None = None) -> dict:
+        return {"input_ids": self.ids[i], "labels": self.tags[i]}
 
 
 # ----------------------------------------------------------------------------- batching

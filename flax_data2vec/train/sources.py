@@ -27,6 +27,8 @@ EVAL_SPLITS = ("validation", "valid", "dev", "test")  # tried in order when no e
 AUDIO_COLUMNS = ("audio", "speech", "file", "path")
 TEXT_COLUMNS = ("text", "sentence", "transcription", "transcript", "normalized_text", "content")
 LABEL_COLUMNS = ("label", "labels", "intent", "class", "category")
+TOKEN_COLUMNS = ("tokens", "words")
+TAG_COLUMNS = ("ner_tags", "tags", "pos_tags", "labels", "chunk_tags")
 
 
 @dataclasses.dataclass
@@ -246,15 +248,32 @@ class HFAudioColumn:
 
 def _label_names(ds, column: str) -> list[str] | None:
     feature = ds.features[column]
+    feature = getattr(feature, "feature", feature)  # a list of ClassLabel (token tags) names its classes too
     return list(feature.names) if type(feature).__name__ == "ClassLabel" else None
 
 
+def _hf_tagged_rows(ds, name: str, columns: Columns) -> Source:
+    """Token classification rows {tokens, tags} (tag names) from a words column and a per-word tags column."""
+    words = _pick(ds, columns.text, TOKEN_COLUMNS, "tokens", "--text-column")
+    typed = [c for c, f in ds.features.items()
+             if type(getattr(f, "feature", None)).__name__ == "ClassLabel" and c != words]
+    tags = columns.label or (typed[0] if typed else "")
+    tags = _pick(ds, tags, TAG_COLUMNS, "tags", "--label-column")
+    names = _label_names(ds, tags)
+    rows = []
+    for w, t in zip(ds[words], ds[tags]):
+        rows.append({"tokens": [str(x) for x in w], "tags": [names[i] if names is not None else str(i) for i in t]})
+    return Source(rows, name, names)
+
+
 def _hf_rows(spec: HFSpec, split: str, modality: str, columns: Columns, need_text: bool,
-             need_label: bool, target_sr: int) -> Source:
+             need_label: bool, target_sr: int, tagged: bool = False) -> Source:
     ds = load_split(spec, split)
     name = str(HFSpec(spec.name, spec.config, split))
     if len(ds) == 0:
         raise ValueError(f"{name} has no examples")
+    if tagged:
+        return _hf_tagged_rows(ds, name, columns)
     rows: list[dict] = [{} for _ in range(len(ds))]
     label_names = None
     if need_label:
@@ -286,24 +305,28 @@ def _hf_rows(spec: HFSpec, split: str, modality: str, columns: Columns, need_tex
 
 
 def read_source(spec: str, modality: str, *, split: str | None = None, columns: Columns = Columns(),
-                need_text: bool = True, need_label: bool = False, target_sr: int = 16000) -> Source:
+                need_text: bool = True, need_label: bool = False, target_sr: int = 16000,
+                tagged: bool = False) -> Source:
     """Rows from a path (manifest for audio, text file for text) or an `hf:` spec; `split` is the
-    split to read when the spec names none."""
+    split to read when the spec names none. `tagged`: token classification rows {tokens, tags}."""
     if is_hf(spec):
         parsed = HFSpec.parse(spec)
         return _hf_rows(parsed, parsed.split or split or "train", modality, columns, need_text, need_label,
-                        target_sr)
+                        target_sr, tagged)
     if modality == "audio":
         return Source(data_lib.read_manifest(spec), spec)
-    return Source(data_lib.load_text_lines(spec), spec)
+    rows = data_lib.load_text_lines(spec)
+    if tagged and not all("tokens" in r and "tags" in r for r in rows):
+        raise ValueError(f"{spec}: token classification needs JSONL rows with 'tokens' and 'tags' lists")
+    return Source(rows, spec)
 
 
 def train_eval_sources(train_spec: str, eval_spec: str, modality: str, *, default_eval: str = "",
                        columns: Columns = Columns(), need_text: bool = True, need_label: bool = False,
-                       target_sr: int = 16000) -> tuple[Source, Source]:
+                       target_sr: int = 16000, tagged: bool = False) -> tuple[Source, Source]:
     """(train, eval) sources. Eval is `eval_spec` if given; for an `hf:` train set without a named split,
     its first split among EVAL_SPLITS; else `default_eval`; else every 20th train row held out."""
-    kw = dict(columns=columns, need_text=need_text, need_label=need_label, target_sr=target_sr)
+    kw = dict(columns=columns, need_text=need_text, need_label=need_label, target_sr=target_sr, tagged=tagged)
     train = read_source(train_spec, modality, split="train", **kw)
     if not eval_spec and is_hf(train_spec) and HFSpec.parse(train_spec).split is None:
         spec = HFSpec.parse(train_spec)
@@ -327,7 +350,10 @@ def train_eval_sources(train_spec: str, eval_spec: str, modality: str, *, defaul
 
 
 def label_map(train: Source) -> data_lib.LabelMap:
-    """Class ids in the dataset's own order when it declares class names, else sorted label strings."""
+    """Class ids in the dataset's own order when it declares class names, else sorted label strings
+    (per-word `tags` for token classification)."""
     if train.label_names is not None:
         return data_lib.LabelMap(train.label_names)
+    if train.rows and "tags" in train.rows[0]:
+        return data_lib.LabelMap.from_labels(t for r in train.rows for t in r["tags"])
     return data_lib.LabelMap.from_labels(r.get("label") for r in train.rows)

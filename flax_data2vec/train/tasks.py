@@ -132,7 +132,7 @@ class Task:
 
     # -- data ----------------------------------------------------------------------------------
     def sources(self, default_train: str, default_eval: str = "", *, need_text: bool = True,
-                need_label: bool = False) -> tuple[sources_lib.Source, sources_lib.Source]:
+                need_label: bool = False, tagged: bool = False) -> tuple[sources_lib.Source, sources_lib.Source]:
         """(train, eval) rows from --train-data/--eval-data or the shipped files (paths under data/)."""
         cfg = self.cfg
         shipped = not cfg.train_data
@@ -141,7 +141,7 @@ class Task:
         columns = sources_lib.Columns(cfg.audio_column, cfg.text_column, cfg.label_column)
         train, evaluation = sources_lib.train_eval_sources(
             train_spec, cfg.eval_data, cfg.modality, default_eval=default_eval, columns=columns,
-            need_text=need_text, need_label=need_label)
+            need_text=need_text, need_label=need_label, tagged=tagged)
         self.data_note = (f"data: train {_short(train.name)} ({len(train.rows)} examples), "
                           f"eval {_short(evaluation.name)} ({len(evaluation.rows)})")
         return train, evaluation
@@ -336,9 +336,10 @@ class AudioClassificationTask(ClassificationMixin, _AudioTask):
 def get_task(cfg: TrainConfig) -> Task:
     """The Task object for `cfg.task`."""
     from .pretrain_tasks import AudioPretrainTask, TextPretrainTask
-    from .text_tasks import MLMTask, TextClassificationTask
+    from .text_tasks import MLMTask, TextClassificationTask, TokenClassificationTask
     tasks = {"ctc": CTCTask, "audio-classification": AudioClassificationTask,
-             "text-classification": TextClassificationTask, "mlm": MLMTask,
+             "text-classification": TextClassificationTask, "token-classification": TokenClassificationTask,
+             "mlm": MLMTask,
              "pretrain-audio": AudioPretrainTask, "pretrain-text": TextPretrainTask}
     return tasks[cfg.task](cfg)
 

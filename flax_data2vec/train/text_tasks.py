@@ -83,6 +83,79 @@ class TextClassificationTask(ClassificationMixin, _TextTask):
 
 
 
+class TokenClassificationTask(_TextTask):
+    """Per-word tags (NER, POS, ...): Data2VecTextForTokenClassification; eval token accuracy, and entity F1
+    (seqeval) when the tags are IOB-style. The shipped default is truecasing: lower-cased words of the
+    shipped corpus tagged O / Cap / UPPER by their original case."""
+
+    architecture: str = "Data2VecTextForTokenClassification"
+    best_mode: str = "max"
+
+    def setup(self, shard_index=0, num_shards=1):
+        cfg = self.cfg
+        if cfg.train_data:
+            train, evaluation = self.sources("", tagged=True)
+        else:
+            lines = [r["text"] for r in data_lib.load_text_lines(os.path.join(REPO_DATA, "text/corpus.txt"))]
+            train, evaluation = sources_lib.Source(data_lib.truecasing_rows(lines), "data/text/corpus.txt "
+                                                   "(truecasing)").holdout()
+            self.data_note = (f"data: train {train.name} ({len(train.rows)} examples), "
+                              f"eval {evaluation.name} ({len(evaluation.rows)})")
+        self.label_map = sources_lib.label_map(train)
+        self.iob = all(n == "O" or n[:2] in ("B-", "I-", "E-", "S-") for n in self.label_map.names)
+        self.best_metric = "eval_f1" if self.iob else "eval_accuracy"
+        if self.iob:
+            try:
+                import seqeval  # noqa: F401
+            except ImportError:
+                raise ImportError("entity F1 for IOB tags needs seqeval: pip install seqeval "
+                                  "(or pip install 'flax_data2vec[hf]')") from None
+        text = [{"text": " ".join(r["tokens"])} for r in train.rows]
+        self.tokenizer = self._tokenizer(text)
+        kw = dict(max_length=cfg.max_text_tokens)
+        self._iterators(data_lib.TaggedTextDataset(train.rows, self.tokenizer, self.label_map, **kw),
+                        data_lib.TaggedTextDataset(evaluation.rows, self.tokenizer, self.label_map, **kw),
+                        shard_index, num_shards)
+        self._model(dict(id2label=self.label_map.id2label))
+
+    def _logits(self, params, batch, rng, train):
+        out = self.module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                                deterministic=not train, rngs={"dropout": rng} if train else None)
+        labels = batch["labels"]  # (batch, w) with w <= seq: pad to the token axis
+        labels = jnp.pad(labels, ((0, 0), (0, out.logits.shape[1] - labels.shape[1])), constant_values=-100)
+        keep = (labels >= 0) & (batch["example_mask"][:, None] > 0)
+        return out.logits.astype(jnp.float32), labels, keep
+
+    def loss(self, params, extra, batch, rng, train):
+        logits, labels, keep = self._logits(params, batch, rng, train)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(keep, labels, 0))
+        return jnp.where(keep, ce, 0.0).sum(), keep.sum().astype(jnp.float32), {}
+
+    def eval_outputs(self, params, extra, batch):
+        logits, labels, keep = self._logits(params, batch, None, False)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(keep, labels, 0))
+        return {"loss_sum": jnp.where(keep, ce, 0.0).sum(), "count": keep.sum().astype(jnp.float32),
+                "pred": jnp.argmax(logits, -1), "labels": labels, "keep": keep}
+
+    def eval_metrics(self, outputs):
+        metrics = super().eval_metrics(outputs)
+        names = self.label_map.names
+        refs, hyps = [], []
+        for o in outputs:
+            pred, labels, keep = (np.asarray(o[k]) for k in ("pred", "labels", "keep"))
+            for row in range(len(pred)):
+                where = np.flatnonzero(keep[row])
+                if len(where):
+                    refs.append([names[i] for i in labels[row, where]])
+                    hyps.append([names[i] for i in pred[row, where]])
+        total = sum(len(r) for r in refs)
+        metrics["eval_accuracy"] = sum(a == b for r, h in zip(refs, hyps) for a, b in zip(r, h)) / max(total, 1)
+        if self.iob:
+            from seqeval.metrics import f1_score
+            metrics["eval_f1"] = float(f1_score(refs, hyps)) if refs else float("nan")
+        return metrics
+
+
 class MLMTask(_TextTask):
     """Masked-LM fine-tuning (BERT-style 15 %, 80/10/10): Data2VecTextForMaskedLM; eval perplexity."""
 
