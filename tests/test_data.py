@@ -187,7 +187,7 @@ def test_load_text_lines(tmp_path):
     with pytest.raises(ValueError, match="needs a 'text' column"):
         D.load_text_lines(str(tmp_path / "b.csv"))
     (tmp_path / "b.jsonl").write_text('{"label": 1}\n')
-    with pytest.raises(ValueError, match="line 1 has no 'text' key"):
+    with pytest.raises(ValueError, match=r"line 1 has no 'text' \(or 'tokens'\) key"):
         D.load_text_lines(str(tmp_path / "b.jsonl"))
     (tmp_path / "e.txt").write_text("\n")
     with pytest.raises(ValueError, match="has no examples"):
