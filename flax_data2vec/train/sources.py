@@ -123,13 +123,11 @@ def load_split(spec: HFSpec, split: str):
         loaded = datasets.load_from_disk(spec.name)
         if not isinstance(loaded, datasets.DatasetDict):
             loaded = datasets.DatasetDict({"train": loaded})
-        parts = []
-        instructions = datasets.ReadInstruction.from_spec(split)
-        unknown = sorted({i.splitname for i in instructions._relative_instructions} - set(loaded))
-        if unknown:
-            raise ValueError(f"{spec.name} has no split {', '.join(unknown)}; splits: {', '.join(loaded)}")
-        for a in instructions.to_absolute({k: len(v) for k, v in loaded.items()}):
-            parts.append(loaded[a.splitname].select(range(a.from_, a.to)))
+        try:
+            pieces = datasets.ReadInstruction.from_spec(split).to_absolute({k: len(v) for k, v in loaded.items()})
+        except ValueError as e:
+            raise ValueError(f"{spec.name}: bad split {split!r} ({e}); splits: {', '.join(loaded)}") from None
+        parts = [loaded[a.splitname].select(range(a.from_, a.to)) for a in pieces]
         return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     try:
         ds = datasets.load_dataset(spec.name, spec.config, split=split)
