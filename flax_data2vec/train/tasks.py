@@ -142,9 +142,13 @@ class Task:
         train, evaluation = sources_lib.train_eval_sources(
             train_spec, cfg.eval_data, cfg.modality, default_eval=default_eval, columns=columns,
             need_text=need_text, need_label=need_label, tagged=tagged)
+        self.note_data(train, evaluation)
+        return train, evaluation
+
+    def note_data(self, train: sources_lib.Source, evaluation: sources_lib.Source) -> None:
+        """The log line naming the data the run reads."""
         self.data_note = (f"data: train {_short(train.name)} ({len(train.rows)} examples), "
                           f"eval {_short(evaluation.name)} ({len(evaluation.rows)})")
-        return train, evaluation
 
     def train_batches(self) -> data_lib.BatchIterator:
         return self.train_iter

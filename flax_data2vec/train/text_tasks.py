@@ -16,6 +16,12 @@ from .config import REPO_DATA
 from .tasks import PRESETS, ClassificationMixin, Task, build_module
 
 
+def masked_cross_entropy(logits, labels, keep):
+    """(sum, count) of the cross-entropy over the positions where `keep` holds (labels elsewhere unused)."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), jnp.where(keep, labels, 0))
+    return jnp.where(keep, ce, 0.0).sum(), keep.sum().astype(jnp.float32)
+
+
 class _TextTask(Task):
     default_lr: float = 1e-4
 
@@ -99,8 +105,7 @@ class TokenClassificationTask(_TextTask):
             lines = [r["text"] for r in data_lib.load_text_lines(os.path.join(REPO_DATA, "text/corpus.txt"))]
             train, evaluation = sources_lib.Source(data_lib.truecasing_rows(lines), "data/text/corpus.txt "
                                                    "(truecasing)").holdout()
-            self.data_note = (f"data: train {train.name} ({len(train.rows)} examples), "
-                              f"eval {evaluation.name} ({len(evaluation.rows)})")
+            self.note_data(train, evaluation)
         self.label_map = sources_lib.label_map(train)
         self.iob = all(n == "O" or n[:2] in ("B-", "I-", "E-", "S-") for n in self.label_map.names)
         self.best_metric = "eval_f1" if self.iob else "eval_accuracy"
@@ -127,15 +132,12 @@ class TokenClassificationTask(_TextTask):
         return out.logits.astype(jnp.float32), labels, keep
 
     def loss(self, params, extra, batch, rng, train):
-        logits, labels, keep = self._logits(params, batch, rng, train)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(keep, labels, 0))
-        return jnp.where(keep, ce, 0.0).sum(), keep.sum().astype(jnp.float32), {}
+        return (*masked_cross_entropy(*self._logits(params, batch, rng, train)), {})
 
     def eval_outputs(self, params, extra, batch):
         logits, labels, keep = self._logits(params, batch, None, False)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(keep, labels, 0))
-        return {"loss_sum": jnp.where(keep, ce, 0.0).sum(), "count": keep.sum().astype(jnp.float32),
-                "pred": jnp.argmax(logits, -1), "labels": labels, "keep": keep}
+        total, count = masked_cross_entropy(logits, labels, keep)
+        return {"loss_sum": total, "count": count, "pred": jnp.argmax(logits, -1), "labels": labels, "keep": keep}
 
     def eval_metrics(self, outputs):
         metrics = super().eval_metrics(outputs)
@@ -198,11 +200,7 @@ class MLMTask(_TextTask):
         out = self.module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
                                 masked_positions=batch["positions"], deterministic=not train,
                                 rngs={"dropout": rng} if train else None)
-        labels = batch["labels"]
-        keep = labels >= 0
-        ce = optax.softmax_cross_entropy_with_integer_labels(out.logits.astype(jnp.float32),
-                                                             jnp.where(keep, labels, 0))
-        return jnp.where(keep, ce, 0.0).sum(), keep.sum().astype(jnp.float32), {}
+        return (*masked_cross_entropy(out.logits, batch["labels"], batch["labels"] >= 0), {})
 
     def eval_metrics(self, outputs):
         metrics = super().eval_metrics(outputs)
