@@ -63,3 +63,22 @@ def test_unknown_implementation_is_refused():
     logits, lengths, labels, _ = _batch()
     with pytest.raises(ValueError, match="implementation must be 'optax' or 'unrolled'"):
         ctc_loss(jnp.asarray(logits), jnp.asarray(lengths), jnp.asarray(labels), implementation="pallas")
+
+
+def test_ctc_task_takes_either_core():
+    """`train_tpu.py --ctc-implementation unrolled` gives the task the same loss as the optax default."""
+    import dataclasses
+
+    from flax_data2vec.train.config import parse_args
+    from flax_data2vec.train.tasks import get_task
+
+    cfg = parse_args(["--ctc-implementation", "unrolled", "--batch-size", "4", "--n-buckets", "1"])
+    task = get_task(cfg)
+    task.setup()
+    batch = {k: jnp.asarray(v) for k, v in next(task.train_batches()).items()}
+    unrolled = jax.jit(lambda p, b: task.loss(p, None, b, None, False)[0])(task.params, batch)
+    task.cfg = dataclasses.replace(cfg, ctc_implementation="optax")
+    default = jax.jit(lambda p, b: task.loss(p, None, b, None, False)[0])(task.params, batch)
+    np.testing.assert_allclose(float(unrolled), float(default), rtol=1e-5)
+    with pytest.raises(ValueError, match="ctc_implementation must be optax or unrolled"):
+        parse_args(["--ctc-implementation", "cudnn"])

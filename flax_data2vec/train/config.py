@@ -62,6 +62,7 @@ class TrainConfig:
     remat: bool = False
     attention_implementation: str = ""  # '', 'xla' or 'cudnn'
     mask_time_prob: float = -1.0  # SpecAugment override for fine-tuning (-1: the model config's value)
+    ctc_implementation: str = "optax"  # ctc task: optax or unrolled (flax_data2vec.ctc.ctc_nll_unrolled)
     # data2vec pre-training overrides (0/-1: the released default of the modality)
     top_k: int = 0
     ema_anneal_steps: int = 0
@@ -88,6 +89,8 @@ class TrainConfig:
             raise ValueError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.ctc_implementation not in ("optax", "unrolled"):
+            raise ValueError(f"ctc_implementation must be optax or unrolled, got {self.ctc_implementation!r}")
         if self.parallel not in ("jit", "pmap"):
             raise ValueError(f"parallel must be jit or pmap, got {self.parallel!r}")
         if self.schedule not in ("auto", "tri_stage", "linear", "cosine", "constant"):

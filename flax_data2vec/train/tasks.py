@@ -257,7 +257,8 @@ class CTCTask(_AudioTask):
                                 deterministic=not train, rngs={"dropout": rng} if train else None)
         c = self.module.config
         lengths = conv_output_lengths(c, batch["attention_mask"].sum(-1))
-        per_seq = ctc_loss(out.logits, lengths, batch["labels"], c.pad_token_id, "none", zero_infinity=True)
+        per_seq = ctc_loss(out.logits, lengths, batch["labels"], c.pad_token_id, "none", zero_infinity=True,
+                           implementation=self.cfg.ctc_implementation)
         w = batch["example_mask"]
         return (per_seq * w).sum(), w.sum(), {}
 
@@ -265,7 +266,8 @@ class CTCTask(_AudioTask):
         out = self.module.apply({"params": params}, batch["input_values"], batch["attention_mask"])
         c = self.module.config
         lengths = conv_output_lengths(c, batch["attention_mask"].sum(-1))
-        per_seq = ctc_loss(out.logits, lengths, batch["labels"], c.pad_token_id, "none", zero_infinity=True)
+        per_seq = ctc_loss(out.logits, lengths, batch["labels"], c.pad_token_id, "none", zero_infinity=True,
+                           implementation=self.cfg.ctc_implementation)
         w = batch["example_mask"]
         return {"loss_sum": (per_seq * w).sum(), "count": w.sum(), "pred": jnp.argmax(out.logits, -1),
                 "lengths": lengths, "labels": batch["labels"], "example_mask": w}
