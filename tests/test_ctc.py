@@ -7,10 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch  # a test dependency: the reference these tests compare against
 
 from flax_data2vec.ctc import ctc_loss
-
-torch = pytest.importorskip("torch")
 
 B, T, V, N = 6, 60, 7, 14
 

@@ -319,31 +319,34 @@ def read_source(spec: str, modality: str, *, split: str | None = None, columns: 
     return Source(rows, spec)
 
 
+def _eval_split_spec(spec_text: str, required: bool) -> str:
+    """`spec_text` with its first split among EVAL_SPLITS named ('' if none and not required)."""
+    spec = HFSpec.parse(spec_text)
+    names = split_names(spec)
+    split = next((s for s in EVAL_SPLITS if s in names), None)
+    if split is None:
+        if required:
+            raise ValueError(f"{spec_text}: no split among {', '.join(EVAL_SPLITS)} (has {', '.join(names)}); "
+                             "name one with @SPLIT")
+        return ""
+    return str(HFSpec(spec.name, spec.config, split))
+
+
 def train_eval_sources(train_spec: str, eval_spec: str, modality: str, *, default_eval: str = "",
                        columns: Columns = Columns(), need_text: bool = True, need_label: bool = False,
                        target_sr: int = 16000, tagged: bool = False) -> tuple[Source, Source]:
-    """(train, eval) sources. Eval is `eval_spec` if given; for an `hf:` train set without a named split,
-    its first split among EVAL_SPLITS; else `default_eval`; else every 20th train row held out."""
+    """(train, eval) sources. Eval is `eval_spec` if given (an `hf:` one without a split: its first split
+    among EVAL_SPLITS); else, for an `hf:` train set without a named split, its first split among
+    EVAL_SPLITS; else `default_eval`; else every 20th train row held out."""
     kw = dict(columns=columns, need_text=need_text, need_label=need_label, target_sr=target_sr, tagged=tagged)
     train = read_source(train_spec, modality, split="train", **kw)
     if not eval_spec and is_hf(train_spec) and HFSpec.parse(train_spec).split is None:
-        spec = HFSpec.parse(train_spec)
-        eval_split = next((s for s in EVAL_SPLITS if s in split_names(spec)), None)
-        if eval_split is not None:
-            eval_spec = str(HFSpec(spec.name, spec.config, eval_split))
-    if not eval_spec and is_hf(train_spec):
-        return train.holdout()
+        eval_spec = _eval_split_spec(train_spec, required=False)
+    elif is_hf(eval_spec) and HFSpec.parse(eval_spec).split is None:
+        eval_spec = _eval_split_spec(eval_spec, required=True)
     eval_spec = eval_spec or default_eval
     if not eval_spec:
         return train.holdout()
-    if is_hf(eval_spec) and HFSpec.parse(eval_spec).split is None:
-        spec = HFSpec.parse(eval_spec)
-        names = split_names(spec)
-        split = next((s for s in EVAL_SPLITS if s in names), None)
-        if split is None:
-            raise ValueError(f"{eval_spec}: no split among {', '.join(EVAL_SPLITS)} (has {', '.join(names)}); "
-                             "name one with @SPLIT")
-        eval_spec = str(HFSpec(spec.name, spec.config, split))
     return train, read_source(eval_spec, modality, **kw)
 
 
