@@ -34,7 +34,7 @@ from flax import traverse_util
 
 from . import checkpoint, registry
 from .checkpoint import save  # noqa: F401 - re-exported as flax_data2vec.save
-from .weights import from_state_dict, scan_params
+from .weights import from_state_dict, merge_encoder, scan_params
 
 SHORT_NAMES: dict[str, str] = {name: f"facebook/{name}" for name in (
     "data2vec-audio-base", "data2vec-audio-base-10m", "data2vec-audio-base-100h", "data2vec-audio-base-960h",
@@ -364,17 +364,23 @@ def load(name_or_path: str | os.PathLike, architecture: str | None = None, dtype
 
 
 def _orbax_as(source: Source, name: str, dtype, param_dtype, sharding, rng, module_options) -> tuple[Any, dict]:
-    """An Orbax checkpoint of one class loaded as another, through the transformers naming (on the host)."""
+    """An Orbax checkpoint of one class loaded as another: its encoder merged into class `name` in Flax space."""
     stored = checkpoint.build_module(source.directory)
     choose_architecture(stored.config.to_dict(), name, source.label)
     params = checkpoint.restore_params(source.directory, stored, checkpoint.host_sharding())
-    state_dict = registry.to_transformers_state_dict(stored, params)
-    config = stored.config.replace(architectures=(name,))
     cls = registry.model_class(name)
-    params, info = params_for(cls(config=config), state_dict, source.label)
-    _warn(name, source.label, info)
-    module = cls(config=config, dtype=dtype or np.float32, param_dtype=param_dtype or np.float32, **module_options)
-    params = checkpoint.init_new(module, checkpoint.put(params, module, sharding), info["new_paths"], rng, sharding)
+    module = cls(config=stored.config.replace(architectures=(name,)), dtype=dtype or np.float32,
+                 param_dtype=param_dtype or np.float32, **module_options)
+    try:
+        merged, report = merge_encoder(registry.abstract_params(module), params, registry.encoder_prefix(name),
+                                       registry.encoder_prefix(type(stored).__name__))
+    except ValueError as e:
+        raise CheckpointError(f"{source.label} does not fit {name}: {e}") from e
+    flat = traverse_util.flatten_dict(merged, sep="/")
+    flat = {p: (np.zeros(v.shape, v.dtype) if isinstance(v, jax.ShapeDtypeStruct) else v) for p, v in flat.items()}
+    _warn(name, source.label, {"new": report.new, "dropped": report.dropped})
+    params = checkpoint.put(traverse_util.unflatten_dict(flat, sep="/"), module, sharding)
+    params = checkpoint.init_new(module, params, report.new, rng, sharding)
     return module, (scan_params(params) if module.scan_layers else params)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 Array = jax.Array
 
@@ -16,15 +17,26 @@ IGNORE_INDEX = -100
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
 
-def cross_entropy(logits: Array, labels: Array, ignore_index: int = IGNORE_INDEX) -> Array:
-    """Mean softmax cross-entropy over targets != `ignore_index`; logits (..., classes), labels (...)."""
+def cross_entropy_sum(logits: Array, labels: Array, ignore_index: int = IGNORE_INDEX,
+                      where: Array | None = None) -> tuple[Array, Array]:
+    """(sum, count) of the softmax cross-entropy over targets != `ignore_index` (and where `where` holds).
+
+    The one cross-entropy of the package: heads divide, training tasks sum across devices first.
+    logits (..., classes), labels (...), where (...) bool or None.
+    """
     logits = logits.astype(jnp.float32).reshape(-1, logits.shape[-1])
     labels = labels.reshape(-1)
     valid = labels != ignore_index
-    safe = jnp.where(valid, labels, 0).astype(jnp.int32)
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(log_probs, safe[:, None], axis=-1)[:, 0]
-    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.sum(valid)
+    if where is not None:
+        valid = valid & jnp.asarray(where, bool).reshape(-1)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0).astype(jnp.int32))
+    return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid).astype(jnp.float32)
+
+
+def cross_entropy(logits: Array, labels: Array, ignore_index: int = IGNORE_INDEX) -> Array:
+    """Mean softmax cross-entropy over targets != `ignore_index`; logits (..., classes), labels (...)."""
+    total, count = cross_entropy_sum(logits, labels, ignore_index)
+    return total / count
 
 
 def mse_loss(predictions: Array, targets: Array) -> Array:
@@ -81,5 +93,3 @@ def span_loss(start_logits: Array, end_logits: Array, start_positions: Array, en
     return (cross_entropy(start_logits, start, ignore_index=length)
             + cross_entropy(end_logits, end, ignore_index=length)) / 2
 
-
-# CTC (audio) is added here by the audio heads.

@@ -22,13 +22,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from flax_data2vec.masking import (  # noqa: F401  (re-exported)
+from .masking import (  # noqa: F401  (re-exported)
     compute_span_mask,
     compute_spec_augment_mask,
     compute_text_mask,
     mask_to_indices,
 )
-from flax_data2vec.train.schedules import tri_stage_schedule, warmup_cosine
+from .schedules import tri_stage_schedule, warmup_cosine
 
 PathPredicate = Callable[[tuple[str, ...]], bool]
 
@@ -133,12 +133,11 @@ def ema_decay(step: jax.Array | int, start: float = 0.999, end: float = 0.9999,
               anneal_steps: int = 30_000) -> jax.Array:
     """Teacher decay at ``step``: linear from ``start`` to ``end`` over ``anneal_steps``, then ``end``.
 
-    fairseq ``get_annealed_rate`` / ``set_num_updates``; works on a traced step.
+    fairseq ``get_annealed_rate`` / ``set_num_updates``, as an ``optax.linear_schedule``; works on a traced step.
     """
     if anneal_steps <= 0:
         return jnp.asarray(end, jnp.float32)
-    frac = jnp.clip(jnp.asarray(step, jnp.float32) / anneal_steps, 0.0, 1.0)
-    return jnp.asarray(start, jnp.float32) + (end - start) * frac
+    return jnp.asarray(optax.linear_schedule(start, end, anneal_steps)(step), jnp.float32)
 
 
 def path_names(path: Sequence[Any]) -> tuple[str, ...]:
@@ -172,20 +171,19 @@ def init_teacher(student_params: Any) -> Any:
 
 def ema_update(teacher_params: Any, student_params: Any, decay: jax.Array | float,
                copy: PathPredicate | None = None) -> Any:
-    """``decay * teacher + (1 - decay) * student`` per leaf, in float32 whatever the student dtype.
+    """``decay * teacher + (1 - decay) * student`` per leaf (``optax.incremental_update``), in float32
+    whatever the student dtype.
 
     Leaves whose path satisfies ``copy`` are replaced by the student value instead (fairseq
     ``EMAModule`` ``skip_keys``). Both trees must have the same structure (pass matching subtrees).
     """
     decay = jnp.asarray(decay, jnp.float32)
-
-    def update(path, t, s):
-        s32 = jnp.asarray(s, jnp.float32)
-        if copy is not None and copy(path_names(path)):
-            return s32
-        return decay * jnp.asarray(t, jnp.float32) + (1.0 - decay) * s32
-
-    return jax.tree_util.tree_map_with_path(update, teacher_params, student_params)
+    student32 = jax.tree_util.tree_map(lambda s: jnp.asarray(s, jnp.float32), student_params)
+    teacher32 = jax.tree_util.tree_map(lambda t: jnp.asarray(t, jnp.float32), teacher_params)
+    averaged = optax.incremental_update(student32, teacher32, 1.0 - decay)
+    if copy is None:
+        return averaged
+    return copy_params(averaged, student32, copy)
 
 
 def copy_params(teacher_params: Any, student_params: Any, copy: PathPredicate) -> Any:
@@ -336,12 +334,10 @@ def data2vec_loss(pred: jax.Array, target: jax.Array, mask: jax.Array, loss_beta
     pred = jnp.asarray(pred, jnp.float32)
     target = jax.lax.stop_gradient(jnp.asarray(target, jnp.float32))
     w = jnp.asarray(mask, jnp.float32)
-    diff = pred - target
     if loss_beta == 0:
-        per_dim = jnp.square(diff)
-    else:
-        ad = jnp.abs(diff)
-        per_dim = jnp.where(ad < loss_beta, 0.5 * jnp.square(diff) / loss_beta, ad - 0.5 * loss_beta)
+        per_dim = optax.squared_error(pred, target)
+    else:  # torch's smooth L1 with beta is optax's Huber loss with delta=beta, divided by beta
+        per_dim = optax.huber_loss(pred, target, delta=loss_beta) / loss_beta
     scale = 1.0 / math.sqrt(pred.shape[-1]) if loss_scale is None or loss_scale <= 0 else loss_scale
     loss_sum = (per_dim.sum(-1) * w).sum() * scale
     sample_size = w.sum()

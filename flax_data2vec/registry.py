@@ -70,6 +70,11 @@ def base_prefix(name: str) -> str:
     return "data2vec_audio" if is_audio(name) else "data2vec_text"
 
 
+def encoder_prefix(name: str) -> str | None:
+    """Where class `name` keeps its encoder params: under `base_prefix` in a head, at the top in a base model."""
+    return None if name in ("Data2VecAudioModel", "Data2VecTextModel") else base_prefix(name)
+
+
 def dummy_inputs(module) -> tuple:
     """Smallest inputs that initialise every parameter of `module`."""
     c = module.config

@@ -185,3 +185,48 @@ def scan_params(params: Mapping) -> dict:
         n = sum(1 for k in d if re.fullmatch(r"layers_\d+", k))
         return stack_layer_params(d, n)
     return _map_layer_containers(params, fn, is_stack)
+
+
+class MergeReport(NamedTuple):
+    """What `merge_encoder` did: target leaves kept at their init (new) and loaded leaves left out (dropped)."""
+
+    new: list[str]
+    dropped: list[str]
+
+
+def _split_encoder(params: Mapping, prefix: str | None) -> tuple[dict, dict]:
+    """({encoder path: leaf}, {other full path: leaf}) of unrolled params whose encoder sits at `prefix`."""
+    flat = traverse_util.flatten_dict(params, sep="/")
+    if not prefix:
+        return flat, {}
+    head = prefix + "/"
+    return ({p[len(head):]: v for p, v in flat.items() if p.startswith(head)},
+            {p: v for p, v in flat.items() if not p.startswith(head)})
+
+
+def merge_encoder(target: Mapping, loaded: Mapping, target_prefix: str | None,
+                  loaded_prefix: str | None) -> tuple[dict, MergeReport]:
+    """Unrolled `target` params with the encoder of `loaded` put in place: base <-> head in Flax space.
+
+    The encoder is `loaded[loaded_prefix]` (the whole tree when None) and goes to `target[target_prefix]`
+    (the whole tree when None). Target leaves the encoder does not supply keep their value (a new head);
+    loaded leaves with no place are dropped (an old head). A shape mismatch raises ValueError naming the
+    parameter.
+    """
+    target_encoder, target_rest = _split_encoder(target, target_prefix)
+    loaded_encoder, loaded_rest = _split_encoder(loaded, loaded_prefix)
+    full = (lambda p: f"{target_prefix}/{p}") if target_prefix else (lambda p: p)
+    merged, new = dict(target_rest), list(target_rest)
+    for path, value in target_encoder.items():
+        got = loaded_encoder.get(path)
+        if got is None:
+            new.append(full(path))
+            merged[full(path)] = value
+        elif tuple(np.shape(got)) != tuple(np.shape(value)):
+            raise ValueError(f"shape mismatch for {path}: the checkpoint has {tuple(np.shape(got))}, "
+                             f"the model expects {tuple(np.shape(value))}")
+        else:
+            merged[full(path)] = got
+    dropped = list(loaded_rest) + [p for p in loaded_encoder if p not in target_encoder]
+    return (traverse_util.unflatten_dict(merged, sep="/"),
+            MergeReport(sorted(new), sorted(dropped)))

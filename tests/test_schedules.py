@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax_data2vec.train.schedules import tri_stage_phases, tri_stage_schedule, warmup_cosine, warmup_linear
+from flax_data2vec.schedules import tri_stage_phases, tri_stage_schedule, warmup_cosine, warmup_linear
 
 
 def _fairseq_tri_stage(step, peak, total, ratios, init_scale, final_scale):
