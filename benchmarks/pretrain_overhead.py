@@ -12,13 +12,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax_data2vec.train.pretrain_tasks import AudioPretrainTask, TextPretrainTask
 
 from benchmarks.common import Row, base_parser, compile_jit, report, setup, time_interleaved, xla_flops
 from flax_data2vec import pretrain as d2v
 from flax_data2vec.train.config import TrainConfig
 from flax_data2vec.train.loop import make_train_step
 from flax_data2vec.train.optim import TrainState, make_optimizer
-from flax_data2vec.train.pretrain_tasks import AudioPretrainTask, TextPretrainTask
 
 
 def _without_teacher(task):

@@ -261,7 +261,7 @@ class Data2VecAudioModel(ModelOptions):
     def __call__(self, input_values: Array, attention_mask: Array | None = None,
                  mask_time_indices: Array | None = None, *, deterministic: bool = True,
                  output_attentions: bool = False, output_hidden_states: bool = False,
-                 output_layer_results: bool = False) -> BaseModelOutput:
+                 output_layer_results: bool = False, output_projected_features: bool = False) -> BaseModelOutput:
         c: Data2VecAudioConfig = self.config
         check_audio_inputs(c, input_values, attention_mask)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -272,8 +272,8 @@ class Data2VecAudioModel(ModelOptions):
         if attention_mask is not None:
             frame_mask = feature_attention_mask(c, attention_mask, features.shape[1])
 
-        hidden, extract_features = FeatureProjection(c, **kw, name="feature_projection")(features, deterministic)
-        hidden = self._mask(hidden, frame_mask, mask_time_indices, deterministic)
+        projected, extract_features = FeatureProjection(c, **kw, name="feature_projection")(features, deterministic)
+        hidden = self._mask(projected, frame_mask, mask_time_indices, deterministic)
 
         encoder = AudioEncoder(c, **self.options, frame_multiple=self.frame_multiple, name="encoder")
         last, hidden_states, extras = encoder(hidden, frame_mask, deterministic, output_attentions)
@@ -286,6 +286,7 @@ class Data2VecAudioModel(ModelOptions):
             attentions=tuple(e[0] for e in extras) if output_attentions else None,
             layer_results=tuple(e[2] for e in extras) if output_layer_results else None,
             feature_mask=frame_mask,
+            projected_features=projected if output_projected_features else None,
         )
 
     def _mask(self, hidden: Array, frame_mask: Array | None, mask_time_indices: Array | None,

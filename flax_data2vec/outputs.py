@@ -26,6 +26,7 @@ class BaseModelOutput:
     cross_attentions: Optional[Tuple[Array, ...]] = None
     layer_results: Optional[Tuple[Array, ...]] = None
     feature_mask: Optional[Array] = None  # (batch, frames) bool: the frames that are real audio (audio only)
+    projected_features: Optional[Array] = None  # audio: projected features before masking (data2vec teacher input)
 
 
 @struct.dataclass

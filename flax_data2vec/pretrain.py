@@ -82,6 +82,16 @@ class Data2VecPretrainConfig:
     adam_eps: float = 1e-6               # A/T: adam_eps 1e-06
     weight_decay: float = 0.01           # A/T: weight_decay 0.01 (fairseq Adam decay is decoupled)
     clip_norm: float = 0.0               # A: default 0 (none) | T: clip_norm 5
+    # -- data and regularisation of the released recipe ----------------------------------------
+    min_sample_size: int = 32_000        # A: task.min_sample_size (shorter utterances are skipped)
+    max_sample_size: int = 320_000       # A: task.max_sample_size (longer ones are randomly cropped)
+    crop_to_shortest: bool = True        # A: raw_audio_dataset collater with pad=False (batches never padded)
+    tokens_per_sample: int = 512         # T: task.tokens_per_sample, sample_break_mode complete_doc
+    encoder_layerdrop: float = 0.05      # A: model.encoder_layerdrop 0.05 | T: none (0.0)
+    activation_dropout: float = 0.0      # A: Data2VecAudioConfig default 0.0 | T: dropout 0.1 (roberta base)
+    # The teacher's input: "unmasked" (the paper) or "masked" (fairseq's released text code: the original
+    # tokens at masked positions only, pad elsewhere; fairseq#4881). Audio teachers always see the unmasked input.
+    teacher_input: str = "unmasked"
     # -- collapse guard (M audio: min_target_var, min_pred_var, "num_updates > 5000") ----------
     check_collapse: bool = True          # the text model has no such check
     min_target_var: float = 0.1
@@ -96,6 +106,8 @@ class Data2VecPretrainConfig:
                 raise ValueError(f"{name} must be None, 'instance' or 'layer', got {getattr(self, name)!r}")
         if self.lr_schedule not in ("tri_stage", "cosine"):
             raise ValueError(f"lr_schedule must be 'tri_stage' or 'cosine', got {self.lr_schedule!r}")
+        if self.teacher_input not in ("unmasked", "masked"):
+            raise ValueError(f"teacher_input must be 'unmasked' or 'masked', got {self.teacher_input!r}")
         if self.top_k < 1 or self.head_layers < 1 or self.mask_length < 1:
             raise ValueError("top_k, head_layers and mask_length must be >= 1")
         object.__setattr__(self, "ema_copy_patterns", tuple(self.ema_copy_patterns))
@@ -114,7 +126,7 @@ class Data2VecPretrainConfig:
             top_k=10, target_norm="layer", head_layers=2, head_init_std=0.02, loss_beta=4.0,
             loss_scale=1.0, ema_anneal_end_step=300_000, ema_copy_patterns=("*embeddings*",),
             lr=2e-4, lr_schedule="cosine", warmup_steps=10_000, max_updates=1_000_000, clip_norm=5.0,
-            check_collapse=False)
+            check_collapse=False, encoder_layerdrop=0.0, activation_dropout=0.1)
         if bert_style:  # fairseq masked_lm task defaults (RoBERTa)
             cfg = dataclasses.replace(cfg, mask_prob=0.15, mask_length=1, leave_unmasked_prob=0.1,
                                       random_token_prob=0.1)

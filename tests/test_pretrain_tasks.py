@@ -56,9 +56,10 @@ def test_pretraining_devices_agree(tmp_path):
 
 
 def test_collapse_guard_stops_the_run(tmp_path):
+    from flax_data2vec.train.pretrain_tasks import AudioPretrainTask
+
     from flax_data2vec.pretrain import Data2VecPretrainConfig
     from flax_data2vec.train.config import TrainConfig
-    from flax_data2vec.train.pretrain_tasks import AudioPretrainTask
     task = AudioPretrainTask(TrainConfig(task="pretrain-audio"))
     task.pretrain = Data2VecPretrainConfig.audio()
     task.check_health({"target_var": 0.5, "pred_var": 0.5}, 6000)

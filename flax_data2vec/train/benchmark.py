@@ -38,7 +38,7 @@ def benchmark(cfg: TrainConfig, repeats: int = 5, warmup: int = 2) -> dict:
     """Time the configured training step (flax) and, where transformers has the class, PyTorch's."""
     cfg = TrainConfig(**{**cfg.to_dict(), "benchmark": False, "async_checkpointing": False})
     trainer = Trainer(cfg)
-    batch = trainer.task.prepare(next(trainer.task.train_batches()), np.random.default_rng(0))
+    batch = next(trainer.task.train_data())
     device_batch = trainer.to_device(batch)
     t0 = time.perf_counter()
     compiled = trainer.train_step.lower(trainer.state, device_batch).compile()
@@ -55,7 +55,7 @@ def benchmark(cfg: TrainConfig, repeats: int = 5, warmup: int = 2) -> dict:
 
     _time(step, warmup)
     times = _time(step, repeats)
-    unit, amount = trainer.task.throughput_unit(batch)
+    unit, amount = trainer.task.throughput(batch)
     ms = statistics.median(times) * 1e3
     result = {"device": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "task": cfg.task,
               "batch": {k: tuple(v.shape) for k, v in batch.items()}, "compile_s": compile_s, "step_ms": ms,
@@ -80,14 +80,14 @@ def _torch_step_ms(trainer: Trainer, batch: dict, repeats: int, warmup: int) -> 
     except ImportError:
         print("(torch not installed: no PyTorch comparison)")
         return None
-    arch = getattr(trainer.task, "architecture", "")
-    if not arch or not hasattr(transformers, arch):
+    arch = trainer.task.architecture
+    if type(trainer.task.module).__name__ != arch or not hasattr(transformers, arch):
         print(f"(no transformers class for task {trainer.cfg.task}: no PyTorch comparison)")
         return None
     config_cls = getattr(transformers, arch.replace("For", "Config#").split("Config#")[0].replace("Model", "")
                          + "Config")
     model = getattr(transformers, arch)(config_cls(**trainer.task.module.config.to_dict())).train()
-    if getattr(trainer.task, "_freeze_cnn", False):
+    if getattr(trainer.task.module, "freeze_feature_encoder", False):
         model.freeze_feature_encoder()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     key = "input_values" if "input_values" in batch else "input_ids"

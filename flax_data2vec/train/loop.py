@@ -15,15 +15,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from . import parallel
 from .checkpointing import TrainCheckpointer, abstract_like
 from .config import TrainConfig
 from .data import prefetch
-from .optim import TrainState, make_optimizer, skipped_steps
-from .tasks import Task, get_task
+from .optim import TrainState, skipped_steps
+from .task import Task
+from .tasks import make_task
 
 
 class StopRequested(Exception):
@@ -35,7 +35,7 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule, grad
     """state, batch -> state, metrics. With `axis_name` (pmap), sums are psum'd across devices."""
 
     def micro(params, extra, batch, rng):
-        num, den, stats = task.loss(params, extra, batch, rng, True)
+        num, den, stats = task.loss(params, extra, batch, rng, train=True)
         return num, (den, stats)
 
     grad_fn = jax.value_and_grad(micro, has_aux=True)
@@ -117,16 +117,13 @@ class Trainer:
         parallel.maybe_initialize_distributed()
         self.cfg = cfg
         self.is_main = jax.process_index() == 0
-        self.task = get_task(cfg)
-        self.task.setup(shard_index=jax.process_index(), num_shards=jax.process_count())
+        self.task = make_task(cfg, shard_index=jax.process_index(), num_shards=jax.process_count())
         os.makedirs(cfg.output_dir, exist_ok=True)
         self.checkpointer = TrainCheckpointer(cfg.output_dir, cfg.keep_checkpoints, self.task.best_metric,
                                               self.task.best_mode, cfg.async_checkpointing)
         self._check_resumable()
-        self.schedule = self.task.make_schedule()
-        params = self.task.params
-        self.tx = make_optimizer(cfg, self.schedule, params, self.task.frozen, self.task.delayed,
-                                 **getattr(self.task, "optimizer_overrides", {}))
+        params = self.task.init()
+        self.tx, self.schedule = self.task.optimizer(params)
         state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
                            rng=jax.random.PRNGKey(cfg.seed), extra=self.task.init_extra(params))
         self._build_steps(state)
@@ -143,7 +140,7 @@ class Trainer:
                                  f"pass --resume or choose another --output-dir")
             return
         meta = self.checkpointer.read_meta(step)
-        mine = json.loads(json.dumps(self.task.identity()))
+        mine = json.loads(json.dumps(self.task.identity))
         theirs = meta.get("identity")
         if theirs != mine:
             diff = _first_difference(theirs, mine)
@@ -159,7 +156,7 @@ class Trainer:
             step = make_train_step(self.task, self.tx, self.schedule, cfg.grad_accum)
             self.train_step = jax.jit(step, in_shardings=(shardings, parallel.batch_sharding(self.mesh)),
                                       out_shardings=(shardings, None), donate_argnums=0)
-            self.eval_step = jax.jit(lambda s, b: self.task.eval_outputs(s.params, s.extra, b))
+            self.eval_step = jax.jit(lambda s, b: self.task.eval_step(s.params, s.extra, b))
             self.to_device = lambda b: parallel.global_batch(b, self.mesh)
         else:
             if cfg.fsdp != 1:
@@ -167,7 +164,7 @@ class Trainer:
             self.state = parallel.replicate(state)
             step = make_train_step(self.task, self.tx, self.schedule, cfg.grad_accum, axis_name="batch")
             self.train_step = jax.pmap(step, axis_name="batch", donate_argnums=0)
-            eval_p = jax.pmap(lambda s, b: self.task.eval_outputs(s.params, s.extra, b), axis_name="batch")
+            eval_p = jax.pmap(lambda s, b: self.task.eval_step(s.params, s.extra, b), axis_name="batch")
             self.eval_step = lambda s, b: jax.tree_util.tree_map(
                 lambda x: x.reshape((-1,) + x.shape[2:]) if x.ndim > 1 else x.sum(0), eval_p(s, b))
             self.to_device = parallel.split_for_pmap
@@ -189,12 +186,12 @@ class Trainer:
     def save(self, metrics: dict | None = None) -> None:
         host = self.host_state()
         step = int(host.step)
-        meta = {"identity": self.task.identity(), "data": self.data_position, "step": step}
+        meta = {"identity": self.task.identity, "data": self.data_position, "step": step}
         self.checkpointer.save(step, host, meta, metrics)
 
     def evaluate(self) -> dict:
         outputs = []
-        for batch in self.task.eval_batches():
+        for batch in self.task.eval_data():
             out = self.eval_step(self.state, self.to_device(batch))
             if jax.process_count() > 1:  # batch-sharded outputs span hosts: gather them everywhere
                 from jax.experimental import multihost_utils
@@ -204,7 +201,7 @@ class Trainer:
 
     def run(self) -> dict:
         cfg = self.cfg
-        self.train_iter = self.task.train_batches()
+        self.train_iter = self.task.train_data()
         self._restore(self.train_iter)
         stop = {"signal": None}
 
@@ -213,26 +210,22 @@ class Trainer:
 
         handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         start_step = int(self.host_state().step)
-        self._print(f"task {cfg.task}: {self.task.source}; {jax.device_count()} device(s) "
+        self._print(f"task {cfg.task} ({self.task.architecture}); {jax.device_count()} device(s) "
                     f"({jax.devices()[0].platform}), {jax.process_count()} host(s), parallel={cfg.parallel}, "
                     f"fsdp={cfg.fsdp}; padded lengths {self.train_iter.buckets} "
                     f"(at most {len(self.train_iter.buckets)} compiled step shapes)")
-        if self.task.data_note:
-            self._print(self.task.data_note)
+        for note in self.task.notes:
+            self._print(note)
         summary: dict[str, Any] = {}
         bar = _progress(cfg.max_steps, start_step, cfg.progress and self.is_main)
-        def produce():  # runs in the loader thread; the data position travels with each batch
-            for batch in self.train_iter:
-                pos = self.train_iter.state()
-                yield pos, self.task.prepare(batch, np.random.default_rng([cfg.seed, pos["epoch"], pos["index"]]))
-
         self.data_position = self.train_iter.state()
-        loader = prefetch(produce(), size=4)
+        loader = prefetch(self.train_iter, size=4)  # loads in a background thread; state() = last batch taken
         t0, units, unit_name, n_steps, window = time.perf_counter(), 0.0, "", 0, None
         try:
             for step in range(start_step, cfg.max_steps):
-                self.data_position, batch = next(loader)
-                unit_name, amount = self.task.throughput_unit(batch)
+                batch = next(loader)
+                self.data_position = loader.state()
+                unit_name, amount = self.task.throughput(batch)
                 self.state, metrics = self.train_step(self.state, self.to_device(batch))
                 if cfg.parallel == "pmap":
                     metrics = parallel.unreplicate(metrics)

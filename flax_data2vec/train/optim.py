@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import struct, traverse_util
 
+from ..schedules import tri_stage_schedule, warmup_cosine, warmup_linear
 from .config import TrainConfig
-from .schedules import tri_stage_schedule, warmup_cosine, warmup_linear
 
 
 @struct.dataclass
@@ -42,38 +41,33 @@ def make_schedule(cfg: TrainConfig, default_lr: float, default_schedule: str,
     return optax.constant_schedule(lr)
 
 
-def _gate_until(step_count: int) -> optax.GradientTransformation:
-    """Zero the updates (before Adam sees them) for the first `step_count` steps."""
-    def init(params):
-        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
-
-    def update(updates, state, params=None):
-        open_ = (state.count >= step_count).astype(jnp.float32)
-        updates = jax.tree_util.tree_map(lambda u: u * open_.astype(u.dtype), updates)
-        return updates, optax.ScaleByScheduleState(count=state.count + 1)
-    return optax.GradientTransformation(init, update)
-
-
-def param_labels(params, frozen: Callable[[tuple[str, ...]], bool],
-                 delayed: Callable[[tuple[str, ...]], bool]) -> Any:
-    """'frozen' / 'delayed' / 'train' label per parameter, for `optax.multi_transform`."""
+def param_labels(params, label: Callable[[tuple[str, ...]], str]) -> Any:
+    """The label ('train', 'frozen' or 'delayed') of every parameter, for `optax.multi_transform`."""
     flat = traverse_util.flatten_dict(params)
-    labels = {k: ("frozen" if frozen(k) else "delayed" if delayed(k) else "train") for k in flat}
-    return traverse_util.unflatten_dict(labels)
+    return traverse_util.unflatten_dict({k: label(k) for k in flat})
+
+
+def train_everything(path: tuple[str, ...]) -> str:
+    return "train"
 
 
 def make_optimizer(cfg: TrainConfig, schedule: optax.Schedule, params,
-                   frozen: Callable[[tuple[str, ...]], bool] = lambda p: False,
-                   delayed: Callable[[tuple[str, ...]], bool] = lambda p: False,
+                   label: Callable[[tuple[str, ...]], str] = train_everything,
                    adam_eps: float | None = None, clip_norm: float | None = None) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping; `frozen` params never change, `delayed` ones wait
-    `cfg.freeze_encoder_steps`; a step whose gradients are not finite is skipped and counted."""
+    """AdamW with global-norm clipping; a step whose gradients are not finite is skipped and counted.
+
+    `label(path)` sorts params: 'train'; 'frozen' (never change); 'delayed' (unchanged for the first
+    `cfg.freeze_encoder_steps` updates, weight decay included, with their Adam state untouched meanwhile,
+    as fairseq's `freeze_finetune_updates` leaves them out of the optimizer; `optax.conditionally_mask`).
+    """
     clip = cfg.clip_norm if clip_norm is None else clip_norm
-    adamw = optax.adamw(schedule, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps if adam_eps is None else adam_eps,
-                        weight_decay=cfg.weight_decay)
-    transforms = {"train": adamw, "frozen": optax.set_to_zero(),
-                  "delayed": optax.chain(_gate_until(cfg.freeze_encoder_steps), adamw)}
-    tx = optax.multi_transform(transforms, param_labels(params, frozen, delayed))
+    def adamw():
+        return optax.adamw(schedule, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps if adam_eps is None
+                           else adam_eps, weight_decay=cfg.weight_decay)
+    delay = cfg.freeze_encoder_steps
+    transforms = {"train": adamw(), "frozen": optax.set_to_zero(),
+                  "delayed": optax.transforms.conditionally_mask(adamw(), lambda count: count >= delay)}
+    tx = optax.multi_transform(transforms, param_labels(params, label))
     if clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(clip), tx)
     return optax.apply_if_finite(tx, max_consecutive_errors=1_000_000)

@@ -3,7 +3,7 @@
 `--train-data` / `--eval-data` take a path (an audio manifest, a text file) or `hf:NAME[:CONFIG][@SPLIT]`,
 e.g. `hf:openslr/librispeech_asr:clean@train.100`, `hf:nyu-mll/glue:sst2@validation` or
 `hf:/data/my_dataset@train[:90%]` (a folder of data files, or one written by `save_to_disk`). Either way
-the result is a `Source`: plain row dicts (`path` or an in-dataset audio reference, `text`, `text_pair`,
+the result is a `Split`: plain row dicts (`path` or an in-dataset audio reference, `text`, `text_pair`,
 `label`) that the datasets in `data.py` turn into batches. Hugging Face audio is decoded here with
 soundfile from the stored bytes (no torchcodec), and all lengths are read from headers up front so that
 batches can be planned without decoding.
@@ -32,22 +32,22 @@ TAG_COLUMNS = ("ner_tags", "tags", "pos_tags", "labels", "chunk_tags")
 
 
 @dataclasses.dataclass
-class Source:
+class Split:
     """Rows of one split plus what is known about them (class names in dataset order, a description)."""
 
     rows: list[dict]
     name: str
     label_names: list[str] | None = None
 
-    def holdout(self, every: int = 20) -> tuple[Source, Source]:
+    def holdout(self, every: int = 20) -> tuple[Split, Split]:
         """(train, eval): every `every`-th row held out for evaluation, deterministically."""
         train = [r for i, r in enumerate(self.rows) if i % every]
         held = [r for i, r in enumerate(self.rows) if i % every == 0]
         if not train or not held:
             raise ValueError(f"{self.name} has {len(self.rows)} examples: too few to hold out an eval set; "
                              "pass --eval-data")
-        return (Source(train, f"{self.name} (all but every {every}th)", self.label_names),
-                Source(held, f"{self.name} (every {every}th, held out)", self.label_names))
+        return (Split(train, f"{self.name} (all but every {every}th)", self.label_names),
+                Split(held, f"{self.name} (every {every}th, held out)", self.label_names))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,7 +250,7 @@ def _label_names(ds, column: str) -> list[str] | None:
     return list(feature.names) if type(feature).__name__ == "ClassLabel" else None
 
 
-def _hf_tagged_rows(ds, name: str, columns: Columns) -> Source:
+def _hf_tagged_rows(ds, name: str, columns: Columns) -> Split:
     """Token classification rows {tokens, tags} (tag names) from a words column and a per-word tags column."""
     words = _pick(ds, columns.text, TOKEN_COLUMNS, "tokens", "--text-column")
     typed = [c for c, f in ds.features.items()
@@ -261,11 +261,11 @@ def _hf_tagged_rows(ds, name: str, columns: Columns) -> Source:
     rows = []
     for w, t in zip(ds[words], ds[tags]):
         rows.append({"tokens": [str(x) for x in w], "tags": [names[i] if names is not None else str(i) for i in t]})
-    return Source(rows, name, names)
+    return Split(rows, name, names)
 
 
 def _hf_rows(spec: HFSpec, split: str, modality: str, columns: Columns, need_text: bool,
-             need_label: bool, target_sr: int, tagged: bool = False) -> Source:
+             need_label: bool, target_sr: int, tagged: bool = False) -> Split:
     ds = load_split(spec, split)
     name = str(HFSpec(spec.name, spec.config, split))
     if len(ds) == 0:
@@ -299,12 +299,12 @@ def _hf_rows(spec: HFSpec, split: str, modality: str, columns: Columns, need_tex
         rows = [r for r in rows if r["text"].strip()]
         if not rows:
             raise ValueError(f"{name} has no non-empty text in column {columns.text or 'text'!r}")
-    return Source(rows, name, label_names)
+    return Split(rows, name, label_names)
 
 
 def read_source(spec: str, modality: str, *, split: str | None = None, columns: Columns = Columns(),
                 need_text: bool = True, need_label: bool = False, target_sr: int = 16000,
-                tagged: bool = False) -> Source:
+                tagged: bool = False) -> Split:
     """Rows from a path (manifest for audio, text file for text) or an `hf:` spec; `split` is the
     split to read when the spec names none. `tagged`: token classification rows {tokens, tags}."""
     if is_hf(spec):
@@ -312,11 +312,11 @@ def read_source(spec: str, modality: str, *, split: str | None = None, columns: 
         return _hf_rows(parsed, parsed.split or split or "train", modality, columns, need_text, need_label,
                         target_sr, tagged)
     if modality == "audio":
-        return Source(data_lib.read_manifest(spec), spec)
+        return Split(data_lib.read_manifest(spec), spec)
     rows = data_lib.load_text_lines(spec)
     if tagged and not all("tokens" in r and "tags" in r for r in rows):
         raise ValueError(f"{spec}: token classification needs JSONL rows with 'tokens' and 'tags' lists")
-    return Source(rows, spec)
+    return Split(rows, spec)
 
 
 def _eval_split_spec(spec_text: str, required: bool) -> str:
@@ -334,7 +334,7 @@ def _eval_split_spec(spec_text: str, required: bool) -> str:
 
 def train_eval_sources(train_spec: str, eval_spec: str, modality: str, *, default_eval: str = "",
                        columns: Columns = Columns(), need_text: bool = True, need_label: bool = False,
-                       target_sr: int = 16000, tagged: bool = False) -> tuple[Source, Source]:
+                       target_sr: int = 16000, tagged: bool = False) -> tuple[Split, Split]:
     """(train, eval) sources. Eval is `eval_spec` if given (an `hf:` one without a split: its first split
     among EVAL_SPLITS); else, for an `hf:` train set without a named split, its first split among
     EVAL_SPLITS; else `default_eval`; else every 20th train row held out."""
@@ -350,7 +350,7 @@ def train_eval_sources(train_spec: str, eval_spec: str, modality: str, *, defaul
     return train, read_source(eval_spec, modality, **kw)
 
 
-def label_map(train: Source) -> data_lib.LabelMap:
+def label_map(train: Split) -> data_lib.LabelMap:
     """Class ids in the dataset's own order when it declares class names, else sorted label strings
     (per-word `tags` for token classification)."""
     if train.label_names is not None:

@@ -1,0 +1,107 @@
+"""Which model a task trains: a preset initialised from the seed, or a checkpoint's encoder merged into
+the task's class. The task model is initialised once; the loaded encoder replaces its encoder in Flax
+space, and the log says which parameters are new and which of the checkpoint's were dropped."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+from .. import registry
+from ..weights import merge_encoder, scan_params, unscan_params
+from .config import TrainConfig
+
+AUDIO_PRESETS = {
+    # small enough to leave CTC's all-blank plateau within ~150 steps from scratch on CPU (4 layers or a
+    # 128-wide CNN stay on it for hundreds of steps, in transformers' PyTorch model too)
+    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                 conv_dim=(64,) * 7, num_conv_pos_embedding_groups=16, layerdrop=0.0, hidden_dropout=0.0,
+                 activation_dropout=0.0, attention_dropout=0.0, final_dropout=0.0, mask_time_min_masks=0),
+    "base": {},
+    "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+}
+TEXT_PRESETS = {
+    "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256,
+                 max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5),
+    "base": dict(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5),
+    "large": dict(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5,
+                  hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+}
+PRESETS = ("tiny", "base", "large")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskModel:
+    """The module a task trains, its initial params, and one log line on where they came from."""
+
+    module: Any
+    params: Any
+    note: str
+    pretrained: bool  # a checkpoint's encoder was loaded (not a random preset)
+
+
+def module_options(cfg: TrainConfig, audio: bool) -> dict:
+    """The speed switches of the command line as module fields."""
+    options = dict(dtype=jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32, scan_layers=cfg.scan_layers,
+                   remat=cfg.remat, attention_implementation=cfg.attention_implementation or None)
+    if audio and cfg.attention_implementation == "cudnn":
+        options["frame_multiple"] = 128  # cuDNN flash attention needs the frame axis in multiples of 128
+    return options
+
+
+def preset_config(cfg: TrainConfig, architecture: str, changes: dict):
+    """The model config of preset `cfg.model` with the task's and the command line's changes."""
+    presets = AUDIO_PRESETS if registry.is_audio(architecture) else TEXT_PRESETS
+    return registry.config_class(architecture)(**{**presets[cfg.model], **changes})
+
+
+def config_changes(cfg: TrainConfig, architecture: str, task_changes: dict) -> dict:
+    """Task changes (vocabulary, labels), then --model-config, then --mask-time-prob."""
+    changes = {**task_changes, **cfg.model_overrides}
+    if registry.is_audio(architecture) and cfg.mask_time_prob >= 0:
+        changes["mask_time_prob"] = cfg.mask_time_prob
+    return changes
+
+
+def build(cfg: TrainConfig, architecture: str, task_changes: dict, **extra_options) -> TaskModel:
+    """The task's model: preset `cfg.model` from `cfg.seed`, or the checkpoint `cfg.model` names (anything
+    `flax_data2vec.load` takes) with its encoder merged into a fresh init of `architecture`."""
+    audio = registry.is_audio(architecture)
+    options = {**module_options(cfg, audio), **extra_options}
+    changes = config_changes(cfg, architecture, task_changes)
+    cls = registry.model_class(architecture)
+    if cfg.model in PRESETS:
+        module = cls(config=preset_config(cfg, architecture, changes), **options)
+        return TaskModel(module, registry.init_params(module, cfg.seed), f"preset {cfg.model!r} (random init)",
+                         False)
+    from ..hub import load  # the one load path: whatever class the checkpoint holds, as it is stored
+    stored, stored_params = load(cfg.model)
+    config = stored.config.replace(**changes) if changes else stored.config
+    if registry.is_audio(type(stored).__name__) != audio:
+        raise ValueError(f"--model {cfg.model} is a {type(stored).__name__} checkpoint; task {cfg.task} "
+                         f"needs a {'n audio' if audio else ' text'} model")
+    module = cls(config=config.replace(architectures=(architecture,)), **options)
+    fresh = registry.init_params(module.clone(scan_layers=False), cfg.seed)
+    stored_params = unscan_params(stored_params)
+    params, report = None, None
+    if type(stored).__name__ == architecture:  # same class: keep its head too when the shapes still fit
+        try:
+            params, report = merge_encoder(fresh, stored_params, None, None)
+        except ValueError:
+            pass
+    if params is None:
+        params, report = merge_encoder(fresh, stored_params, registry.encoder_prefix(architecture),
+                                       registry.encoder_prefix(type(stored).__name__))
+    note = (f"{cfg.model} ({type(stored).__name__} checkpoint; encoder loaded into {architecture}; "
+            f"new: {_listing(report.new)}; dropped: {_listing(report.dropped)})")
+    return TaskModel(module, scan_params(params) if cfg.scan_layers else params, note, True)
+
+
+def _listing(paths: list[str], limit: int = 6) -> str:
+    if not paths:
+        return "none"
+    tops = sorted({p.split("/")[0] if not p.startswith("data2vec_") else "/".join(p.split("/")[:2]) for p in paths})
+    shown = ", ".join(tops[:limit]) + (" ..." if len(tops) > limit else "")
+    return f"{len(paths)} params ({shown})"

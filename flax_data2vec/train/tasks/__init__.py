@@ -1,0 +1,29 @@
+"""The training tasks, by `--task` name. Each entry makes a `Task` (train/task.py) from the config."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..config import TrainConfig
+from ..task import Task
+from .audio import make_audio_classification, make_ctc
+from .pretrain import make_pretrain_audio, make_pretrain_text
+from .text import make_mlm, make_text_classification
+from .token_classification import make_token_classification
+
+TASKS: dict[str, Callable[..., Task]] = {
+    "ctc": make_ctc,
+    "audio-classification": make_audio_classification,
+    "text-classification": make_text_classification,
+    "token-classification": make_token_classification,
+    "mlm": make_mlm,
+    "pretrain-audio": make_pretrain_audio,
+    "pretrain-text": make_pretrain_text,
+}
+
+
+def make_task(cfg: TrainConfig, shard_index: int = 0, num_shards: int = 1) -> Task:
+    """The task `cfg.task` names, its data read and checked and its model built (before anything compiles)."""
+    if cfg.task not in TASKS:
+        raise ValueError(f"unknown task {cfg.task!r}; choose one of {', '.join(TASKS)}")
+    return TASKS[cfg.task](cfg, shard_index, num_shards)
