@@ -9,34 +9,33 @@ update of the teacher. The ratio is the overhead of the objective.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax_data2vec.train.pretrain_tasks import AudioPretrainTask, TextPretrainTask
 
 from benchmarks.common import Row, base_parser, compile_jit, report, setup, time_interleaved, xla_flops
 from flax_data2vec import pretrain as d2v
 from flax_data2vec.train.config import TrainConfig
 from flax_data2vec.train.loop import make_train_step
-from flax_data2vec.train.optim import TrainState, make_optimizer
+from flax_data2vec.train.optim import TrainState
+from flax_data2vec.train.task import keep_extra
+from flax_data2vec.train.tasks import make_task
 
 
-def _without_teacher(task):
+def _without_teacher(task, kind: str, p: d2v.Data2VecPretrainConfig):
     """The same task whose loss regresses zeros instead of the teacher's targets, and has no EMA."""
-    class Plain(type(task)):
-        def loss(self, params, extra, batch, rng, train):
-            pred, _, _ = self.student.apply({"params": params}, *self._student_inputs(batch),
-                                            deterministic=not train, rngs={"dropout": rng} if train else None)
-            _, n, stats = d2v.data2vec_loss(pred, jnp.zeros_like(pred), batch["mask"], self.pretrain.loss_beta,
-                                            self.pretrain.loss_scale)
-            return stats["loss_sum"], n, {}
-
-        def after_update(self, extra, params, step):
-            return extra
-
-    plain = Plain.__new__(Plain)
-    plain.__dict__.update(task.__dict__)
-    return plain
+    def loss(params, extra, batch, rng, train):
+        rngs = {"dropout": rng} if train else None
+        if kind == "audio":
+            pred, _, _ = task.module.apply({"params": params}, batch["input_values"], batch["attention_mask"],
+                                           batch["mask"], deterministic=not train, rngs=rngs)
+        else:
+            pred = task.module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                                     deterministic=not train, rngs=rngs)
+        _, n, stats = d2v.data2vec_loss(pred, jnp.zeros_like(pred), batch["mask"], p.loss_beta, p.loss_scale)
+        return stats["loss_sum"], n, {}
+    return dataclasses.replace(task, loss=loss, after_update=keep_extra)
 
 
 def bench(kind: str, args, rows: list) -> None:
@@ -48,18 +47,17 @@ def bench(kind: str, args, rows: list) -> None:
                       max_audio_seconds=2.0 if quick else (15.0 if gpu else 5.0),
                       max_text_tokens=64 if quick else (512 if gpu else 128), output_dir="/tmp/unused", progress=False,
                       dtype="bfloat16" if gpu else "float32")
-    task = (AudioPretrainTask if kind == "audio" else TextPretrainTask)(cfg)
-    task.setup()
-    batch = task.prepare(next(task.train_batches()), np.random.default_rng(0))
-    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    task = make_task(cfg)
+    batch = {k: jnp.asarray(v) for k, v in next(task.train_data()).items()}
     work = (float(batch["attention_mask"].sum()) / 16000.0) if kind == "audio" else float(batch["attention_mask"].sum())
     unit = "audio-s" if kind == "audio" else "tokens"
     fns, compile_s, flops = {}, {}, {}
-    for name, t in (("data2vec step", task), ("plain step", _without_teacher(task))):
-        sched = t.make_schedule()
-        tx = make_optimizer(cfg, sched, t.params, adam_eps=t.pretrain.adam_eps, clip_norm=t.pretrain.clip_norm)
-        state = TrainState(jnp.zeros((), jnp.int32), t.params, tx.init(t.params), jax.random.PRNGKey(0),
-                           t.init_extra(t.params))
+    p = task.module.pretrain
+    for name, t in (("data2vec step", task), ("plain step", _without_teacher(task, kind, p))):
+        params = t.init()
+        tx, sched = t.optimizer(params)
+        state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(0),
+                           t.init_extra(params))
         step = jax.jit(make_train_step(t, tx, sched, 1))
         compiled, compile_s[name] = compile_jit(step, state, batch)
         flops[name] = xla_flops(compiled)

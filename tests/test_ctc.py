@@ -69,15 +69,15 @@ def test_ctc_task_takes_either_core():
     import dataclasses
 
     from flax_data2vec.train.config import parse_args
-    from flax_data2vec.train.tasks import get_task
+    from flax_data2vec.train.tasks import make_task
 
     cfg = parse_args(["--ctc-implementation", "unrolled", "--batch-size", "4", "--n-buckets", "1"])
-    task = get_task(cfg)
-    task.setup()
-    batch = {k: jnp.asarray(v) for k, v in next(task.train_batches()).items()}
-    unrolled = jax.jit(lambda p, b: task.loss(p, None, b, None, False)[0])(task.params, batch)
-    task.cfg = dataclasses.replace(cfg, ctc_implementation="optax")
-    default = jax.jit(lambda p, b: task.loss(p, None, b, None, False)[0])(task.params, batch)
+    task = make_task(cfg)
+    params = task.init()
+    batch = {k: jnp.asarray(v) for k, v in next(task.train_data()).items()}
+    unrolled = jax.jit(lambda p, b: task.loss(p, None, b, None, False)[0])(params, batch)
+    default_task = make_task(dataclasses.replace(cfg, ctc_implementation="optax"))
+    default = jax.jit(lambda p, b: default_task.loss(p, None, b, None, False)[0])(params, batch)
     np.testing.assert_allclose(float(unrolled), float(default), rtol=1e-5)
     with pytest.raises(ValueError, match="ctc_implementation must be optax or unrolled"):
         parse_args(["--ctc-implementation", "cudnn"])

@@ -61,12 +61,15 @@ def make_optimizer(cfg: TrainConfig, schedule: optax.Schedule, params,
     as fairseq's `freeze_finetune_updates` leaves them out of the optimizer; `optax.conditionally_mask`).
     """
     clip = cfg.clip_norm if clip_norm is None else clip_norm
-    def adamw():
-        return optax.adamw(schedule, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps if adam_eps is None
-                           else adam_eps, weight_decay=cfg.weight_decay)
+
+    def adamw(lr):
+        return optax.adamw(lr, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps if adam_eps is None else adam_eps,
+                           weight_decay=cfg.weight_decay)
     delay = cfg.freeze_encoder_steps
-    transforms = {"train": adamw(), "frozen": optax.set_to_zero(),
-                  "delayed": optax.transforms.conditionally_mask(adamw(), lambda count: count >= delay)}
+    # the delayed AdamW's own step count starts when the gate opens: shift its schedule to the global step
+    delayed = optax.transforms.conditionally_mask(adamw(lambda count: schedule(count + delay)),
+                                                  lambda count: count >= delay)
+    transforms = {"train": adamw(schedule), "frozen": optax.set_to_zero(), "delayed": delayed}
     tx = optax.multi_transform(transforms, param_labels(params, label))
     if clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(clip), tx)
