@@ -168,57 +168,6 @@ def compute_text_mask(input_ids: np.ndarray, rng: Rng, *, mask_token_id: int,
     return masked_ids, mask
 
 
-def compute_spec_augment_mask(shape: tuple[int, int], rng: Rng, mask_prob: float, mask_length: int,
-                              min_masks: int = 0, attention_mask: np.ndarray | None = None) -> np.ndarray:
-    """SpecAugment mask with the semantics of transformers' ``_compute_mask_indices`` (Data2VecAudio).
-
-    One ``U[0,1)`` draw is shared by the batch for probabilistic rounding; per row of real length ``n``
-    ``k = max(min_masks, int(mask_prob * n / mask_length + u))`` (capped so spans fit), span starts are
-    drawn without replacement from ``[0, n - mask_length]``, and rows with fewer spans repeat their
-    first start so all rows draw the same number of spans. Called with a ``RandomState`` in the state
-    that ``np.random.seed`` gives, it reproduces transformers' output exactly.
-
-    Args:
-      shape: ``(B, T)``; ``attention_mask``: optional ``(B, T)``, 1 at real frames (right padding).
-
-    Returns:
-      ``(B, T)`` bool, True at masked frames.
-    """
-    batch, time = shape
-    if mask_length < 1:
-        raise ValueError("`mask_length` has to be bigger than 0.")
-    if mask_length > time:
-        raise ValueError(f"`mask_length` ({mask_length}) must not exceed the sequence length ({time})")
-    u = float(np.asarray(rng.random(1)).reshape(-1)[0])
-
-    def num_spans(n: int) -> int:
-        k = max(int(mask_prob * n / mask_length + u), min_masks)
-        if k * mask_length > time:
-            k = time // mask_length
-        if n - (mask_length - 1) < k:
-            k = max(n - (mask_length - 1), 0)
-        return k
-
-    if attention_mask is not None:
-        row_len = np.asarray(attention_mask).reshape(batch, time).sum(-1).astype(np.int64).tolist()
-    else:
-        row_len = [time] * batch
-    mask = np.zeros((batch, time), dtype=bool)
-    max_spans = num_spans(time)
-    if max_spans == 0:
-        return mask
-    starts = np.empty((batch, max_spans), dtype=np.int64)
-    for i, n in enumerate(row_len):
-        k = num_spans(int(n))
-        chosen = np.asarray(rng.choice(np.arange(n - (mask_length - 1)), k, replace=False), dtype=np.int64)
-        filler = time - 1 if len(chosen) == 0 else chosen[0]
-        starts[i, :k] = chosen
-        starts[i, k:] = filler
-    idx = np.minimum((starts[:, :, None] + np.arange(mask_length)[None, None, :]).reshape(batch, -1), time - 1)
-    np.put_along_axis(mask, idx, True, axis=-1)
-    return mask
-
-
 def mask_to_indices(mask: np.ndarray) -> np.ndarray:
     """``(B, M)`` int32 positions of the True entries of a mask with the same count ``M`` in every row.
 

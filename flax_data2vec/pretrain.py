@@ -24,7 +24,6 @@ import optax
 
 from .masking import (  # noqa: F401  (re-exported)
     compute_span_mask,
-    compute_spec_augment_mask,
     compute_text_mask,
     mask_to_indices,
 )

@@ -315,14 +315,6 @@ _HEAD_RULES = {
 }
 _HEAD_RULES["Data2VecTextForCausalLM"] = _HEAD_RULES["Data2VecTextForMaskedLM"]
 
-# transformers class name -> flax class (the names are the same)
-TEXT_MODELS: dict[str, type[ModelOptions]] = {
-    cls.__name__: cls for cls in (Data2VecTextModel, Data2VecTextForMaskedLM, Data2VecTextForCausalLM,
-                                  Data2VecTextForSequenceClassification, Data2VecTextForMultipleChoice,
-                                  Data2VecTextForTokenClassification, Data2VecTextForQuestionAnswering)
-}
-
-
 def text_weight_table(class_name: str, tie_word_embeddings: bool = True) -> WeightTable:
     """The flax <-> transformers name table of one text class (`class_name` as in transformers)."""
     if class_name not in _HEAD_RULES:
@@ -334,13 +326,3 @@ def text_weight_table(class_name: str, tie_word_embeddings: bool = True) -> Weig
         tied = {"lm_head.decoder.weight": p + "embeddings/word_embeddings/embedding",
                 "lm_head.decoder.bias": "lm_head/bias"}
     return WeightTable(rules, tied=tied, ignored_torch=(t + "embeddings.position_ids", t + "embeddings.token_type_ids"))
-
-
-TEXT_WEIGHT_TABLES: dict[str, WeightTable] = {name: text_weight_table(name) for name in TEXT_MODELS}
-
-
-def text_param_shapes(module: ModelOptions) -> dict:
-    """The parameter tree (ShapeDtypeStructs, nothing computed) of a text module, for `from_state_dict`."""
-    shape = (1, 1, 4) if isinstance(module, Data2VecTextForMultipleChoice) else (1, 4)
-    ids = jnp.full(shape, 5, jnp.int32)
-    return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids))["params"]

@@ -11,7 +11,6 @@ import pytest
 from flax_data2vec import pretrain as P
 from flax_data2vec.masking import (
     compute_span_mask,
-    compute_spec_augment_mask,
     compute_text_mask,
     mask_to_indices,
 )
@@ -212,27 +211,6 @@ def test_text_bert_style_fractions():
     assert abs(rnd / sel - 0.1) < 0.012
     with pytest.raises(ValueError):
         compute_text_mask(ids, rng, mask_token_id=mask_id, random_token_prob=0.5)
-
-
-# ---------------------------------------------------------------------------------------------
-# SpecAugment mask vs transformers
-# ---------------------------------------------------------------------------------------------
-
-def test_spec_augment_mask_matches_transformers():
-    torch = pytest.importorskip("torch")
-    hf = pytest.importorskip("transformers.models.data2vec.modeling_data2vec_audio")
-    attn = np.ones((4, 120), dtype=np.int64)
-    attn[1, 90:] = 0
-    attn[3, 20:] = 0
-    for seed, (prob, length, min_masks) in enumerate([(0.65, 10, 2), (0.05, 10, 2), (0.5, 64, 1), (0.3, 1, 0)]):
-        for am in (None, attn):
-            np.random.seed(seed)
-            ref = hf._compute_mask_indices((4, 120), prob, length, None if am is None else torch.from_numpy(am),
-                                           min_masks)
-            got = compute_spec_augment_mask((4, 120), np.random.RandomState(seed), prob, length, min_masks, am)
-            np.testing.assert_array_equal(got, ref)
-    got = compute_spec_augment_mask((2, 50), np.random.default_rng(0), 0.5, 5, 2)
-    assert got.shape == (2, 50) and got.dtype == bool
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,10 +16,15 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from flax_data2vec import losses  # noqa: E402
+from flax_data2vec import (
+    losses,  # noqa: E402
+    registry,  # noqa: E402
+)
 from flax_data2vec.config import Data2VecTextConfig  # noqa: E402
 from flax_data2vec.text import init_cache, position_ids_from_input_ids  # noqa: E402
-from flax_data2vec.text_heads import TEXT_MODELS, TEXT_WEIGHT_TABLES, text_param_shapes, text_weight_table  # noqa: E402
+from flax_data2vec.text_heads import text_weight_table  # noqa: E402
+
+TEXT_MODELS = {n: c for n, c in registry.model_classes().items() if n.startswith("Data2VecText")}
 from flax_data2vec.weights import from_state_dict, scan_params, to_state_dict  # noqa: E402
 
 TOL = 1e-4
@@ -50,7 +55,7 @@ def make_pair(class_name: str, **overrides):
 def convert(tmodel, fmodel, class_name, config):
     sd = {k: v.detach().numpy() for k, v in tmodel.state_dict().items()}
     table = text_weight_table(class_name, config.tie_word_embeddings)
-    params, report = from_state_dict(sd, text_param_shapes(fmodel), table)
+    params, report = from_state_dict(sd, registry.abstract_params(fmodel), table)
     assert report.missing == [] and report.unexpected == [], report
     return jax.tree_util.tree_map(jnp.asarray, params)
 
@@ -277,7 +282,7 @@ def test_masked_lm_gradients_match_torch():
     def loss_fn(p):
         return fmodel.apply({"params": p}, ids, mask, tt, labels=labels).loss
 
-    grads = to_state_dict(jax.jit(jax.grad(loss_fn))(params), TEXT_WEIGHT_TABLES["Data2VecTextForMaskedLM"])
+    grads = to_state_dict(jax.jit(jax.grad(loss_fn))(params), text_weight_table("Data2VecTextForMaskedLM"))
     for name, p in tmodel.named_parameters():  # tied parameters appear once, under their owner's name
         want = p.grad.numpy()
         np.testing.assert_allclose(grads[name], want, atol=1e-5, rtol=1e-4, err_msg=name)
