@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import assert_close  # noqa: E402
 
 import flax_data2vec as fd
 from flax_data2vec.audio_heads import audio_weight_table
 from flax_data2vec.weights import scan_params, to_state_dict
 
-TOL = 1e-4
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
              conv_dim=(16, 16, 16), conv_stride=(5, 2, 2), conv_kernel=(10, 3, 3), num_conv_pos_embedding_groups=4,
              conv_pos_kernel_size=5, num_conv_pos_embeddings=3, vocab_size=12, classifier_proj_size=10,
@@ -48,13 +48,6 @@ def audio_batch(batch=3, samples=1203, seed=0, pad=(0, 150, 407)):
     return x, mask
 
 
-def close(a, b, what):
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    assert a.shape == b.shape, f"{what}: shape {a.shape} vs {b.shape}"
-    diff = np.max(np.abs(a - b)) if a.size else 0.0
-    assert diff <= TOL, f"{what}: max abs diff {diff}"
-
-
 def run_both(name, tmodel, module, params, x, mask, labels=None, **kw):
     targs = dict(attention_mask=None if mask is None else torch.tensor(mask), output_hidden_states=True,
                  output_attentions=True)
@@ -77,9 +70,9 @@ def compare(tout, jout, fields):
         if isinstance(t, tuple):
             assert len(t) == len(j), f
             for i, (a, b) in enumerate(zip(t, j)):
-                close(a.numpy(), b, f"{f}[{i}]")
+                assert_close(f"{f}[{i}]", a.numpy(), b)
         else:
-            close(t.numpy(), j, f)
+            assert_close(f, t.numpy(), j)
 
 
 def labels_for(name, tmodel, x, mask, rng):
@@ -153,7 +146,7 @@ def test_ctc_gradient_parity():
 
     grads = to_state_dict(jax.grad(loss_fn)(params), audio_weight_table("Data2VecAudioForCTC"))
     for n, g in tgrads.items():
-        close(g, grads[n], f"grad {n}")
+        assert_close(f"grad {n}", g, grads[n])
 
 
 def test_state_dict_round_trip_is_bit_exact_and_strict():
@@ -173,9 +166,9 @@ def test_scan_and_remat_match_unrolled():
     ref = module.apply({"params": params}, x, mask, output_hidden_states=True)
     scanned = module.clone(scan_layers=True, remat=True)
     out = scanned.apply({"params": scan_params(params)}, x, mask, output_hidden_states=True)
-    close(ref.logits, out.logits, "logits")
+    assert_close("logits", ref.logits, out.logits)
     for a, b in zip(ref.hidden_states, out.hidden_states):
-        close(a, b, "hidden")
+        assert_close("hidden", a, b)
     init = scanned.init(jax.random.PRNGKey(0), x, mask)["params"]
     assert jax.tree_util.tree_structure(init) == jax.tree_util.tree_structure(scan_params(params))
 
@@ -188,7 +181,7 @@ def test_mask_time_indices_given():
     with torch.no_grad():
         tout = tmodel(torch.tensor(x), attention_mask=torch.tensor(mask), mask_time_indices=torch.tensor(mti))
     jout = module.apply({"params": params}, x, mask, jnp.asarray(mti))
-    close(tout.last_hidden_state.numpy(), jout.last_hidden_state, "masked")
+    assert_close("masked", tout.last_hidden_state.numpy(), jout.last_hidden_state)
 
 
 def test_training_mode_is_stochastic_and_jits():
@@ -248,8 +241,8 @@ def test_every_class_jits(name):
     x, mask = audio_batch()
     eager = module.apply({"params": params}, x, mask)
     jitted = jax.jit(lambda p, a, m: module.apply({"params": p}, a, m))(params, x, mask)
-    close(eager.logits if name != "Data2VecAudioModel" else eager.last_hidden_state,
-          jitted.logits if name != "Data2VecAudioModel" else jitted.last_hidden_state, "jit")
+    field = "logits" if name != "Data2VecAudioModel" else "last_hidden_state"
+    assert_close("jit", getattr(eager, field), getattr(jitted, field))
 
 
 def test_feature_encoder_freezing():
@@ -279,11 +272,11 @@ def test_frame_multiple_pads_attention_without_changing_outputs():
     kw = dict(output_hidden_states=True, output_attentions=True)
     ref = module.apply({"params": params}, x, mask, labels, **kw)
     out = padded.apply({"params": params}, x, mask, labels, **kw)
-    close(ref.logits, out.logits, "logits")
-    close(ref.loss, out.loss, "loss")
+    assert_close("logits", ref.logits, out.logits)
+    assert_close("loss", ref.loss, out.loss)
     for a, b in zip(ref.hidden_states + ref.attentions, out.hidden_states + out.attentions):
-        close(a, b, "hidden/attention")
+        assert_close("hidden/attention", a, b)
     g_ref = jax.grad(lambda p: module.apply({"params": p}, x, mask, labels).loss)(params)
     g_pad = jax.grad(lambda p: padded.apply({"params": p}, x, mask, labels).loss)(params)
     for a, b in zip(jax.tree_util.tree_leaves(g_ref), jax.tree_util.tree_leaves(g_pad)):
-        close(a, b, "grad")
+        assert_close("grad", a, b)

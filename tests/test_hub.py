@@ -11,34 +11,12 @@ import jax
 import numpy as np
 import pytest
 import torch
-import transformers
 
 import flax_data2vec as fd
 from flax_data2vec import checkpoint, hub
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-AUDIO = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 37,
-         "conv_dim": (16, 16, 16), "conv_stride": (5, 2, 2), "conv_kernel": (10, 3, 3),
-         "num_conv_pos_embedding_groups": 4, "conv_pos_kernel_size": 5, "num_conv_pos_embeddings": 3, "vocab_size": 12,
-         "classifier_proj_size": 10, "tdnn_dim": (8, 8, 12), "tdnn_kernel": (3, 3, 1), "tdnn_dilation": (1, 2, 1),
-         "xvector_output_dim": 6, "num_labels": 3}
-TEXT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 37, "vocab_size": 99,
-        "max_position_embeddings": 40, "num_labels": 3}
-
-
-def tiny_torch_model(name: str, seed: int = 0, **overrides):
-    """A random transformers model of class `name`, biases and norms perturbed so nothing is a constant."""
-    torch.manual_seed(seed)
-    audio = name.startswith("Data2VecAudio")
-    config_cls = transformers.Data2VecAudioConfig if audio else transformers.Data2VecTextConfig
-    extra = {"Data2VecTextForCausalLM": {"is_decoder": True}, "Data2VecTextForQuestionAnswering": {"num_labels": 2}}
-    extra = extra.get(name, {})
-    model = getattr(transformers, name)(config_cls(**{**(AUDIO if audio else TEXT), **extra, **overrides})).eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "norm" in n.lower() or n.endswith("bias") or "layer_weights" in n:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
+from conftest import AUDIO, TEXT, tiny_torch_model  # noqa: E402,F401  (used by test_convert too)
 
 
 def save_torch(model, directory, fmt: str = "safetensors") -> str:

@@ -25,9 +25,10 @@ from flax_data2vec.text import init_cache, position_ids_from_input_ids  # noqa: 
 from flax_data2vec.text_heads import text_weight_table  # noqa: E402
 
 TEXT_MODELS = {n: c for n, c in registry.model_classes().items() if n.startswith("Data2VecText")}
+from conftest import TOL, assert_close  # noqa: E402
+
 from flax_data2vec.weights import from_state_dict, scan_params, to_state_dict  # noqa: E402
 
-TOL = 1e-4
 SMALL = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
              max_position_embeddings=40, type_vocab_size=2, layer_norm_eps=1e-5)
 B, T, PAD = 3, 9, 1
@@ -71,22 +72,6 @@ def make_inputs(seed=0, batch=B, length=T, lengths=LENGTHS, vocab=99, type_ids=T
 
 def t(x):
     return None if x is None else torch.from_numpy(np.asarray(x))
-
-
-def assert_close(name, got, want, tol=TOL):
-    if want is None or (isinstance(want, tuple) and len(want) == 0):
-        assert got is None or len(got) == 0, f"{name}: flax gave a value, torch none"
-        return
-    if isinstance(want, (tuple, list)):
-        assert got is not None and len(got) == len(want), f"{name}: lengths differ"
-        for i, (g, w) in enumerate(zip(got, want, strict=True)):
-            assert_close(f"{name}[{i}]", g, w, tol)
-        return
-    want = want.detach().numpy() if isinstance(want, torch.Tensor) else np.asarray(want)
-    got = np.asarray(got)
-    assert got.shape == want.shape, f"{name}: shape {got.shape} vs torch {want.shape}"
-    diff = np.max(np.abs(got.astype(np.float64) - want)) if want.size else 0.0
-    assert diff <= tol, f"{name}: max abs diff {diff:.3g} > {tol}"
 
 
 def run_both(class_name, overrides, inputs, flax_kw=None, torch_kw=None):
