@@ -18,7 +18,6 @@ from .ctc import ctc_loss
 from .layers import weighted_layer_sum
 from .losses import cross_entropy
 from .outputs import HeadOutput, XVectorOutput
-from .weights import Special, WeightTable, prefixed
 
 Array = jax.Array
 
@@ -197,54 +196,6 @@ class Data2VecAudioForXVector(_AudioHead):
         loss = None if labels is None else am_softmax_loss(logits, weight, labels)
         return XVectorOutput(logits=logits, embeddings=embeddings, loss=loss,
                              **_outputs(out, output_hidden_states, output_attentions))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# names in transformers' state dict
-_LAYER = r"encoder/transformer/layers_(\d+)"
-AUDIO_BASE_RULES = (
-    (r"feature_extractor/conv_layers_(\d+)/(conv|layer_norm)", r"feature_extractor.conv_layers.\1.\2"),
-    (r"feature_projection/(layer_norm|projection)", r"feature_projection.\1"),
-    (r"encoder/pos_conv_embed/layers_(\d+)", r"encoder.pos_conv_embed.layers.\1.conv"),
-    (r"encoder/layer_norm", r"encoder.layer_norm"),
-    (_LAYER + r"/attention/query", r"encoder.layers.\1.attention.q_proj"),
-    (_LAYER + r"/attention/key", r"encoder.layers.\1.attention.k_proj"),
-    (_LAYER + r"/attention/value", r"encoder.layers.\1.attention.v_proj"),
-    (_LAYER + r"/attention/out", r"encoder.layers.\1.attention.out_proj"),
-    (_LAYER + r"/attention_norm", r"encoder.layers.\1.layer_norm"),
-    (_LAYER + r"/intermediate", r"encoder.layers.\1.feed_forward.intermediate_dense"),
-    (_LAYER + r"/output", r"encoder.layers.\1.feed_forward.output_dense"),
-    (_LAYER + r"/output_norm", r"encoder.layers.\1.final_layer_norm"),
-    (r"adapter/(proj|proj_layer_norm)", r"adapter.\1"),
-    (r"adapter/layers_(\d+)", r"adapter.layers.\1.conv"),
-    (r"", r""),  # masked_spec_embed
-)
-
-
-def _tdnn_to_torch(kernel):
-    k, d_in, d_out = kernel.shape  # flax (k, in, out) -> torch Linear (out, k*in)
-    return kernel.transpose(2, 0, 1).reshape(d_out, k * d_in)
-
-
-def _tdnn_from_torch(weight, shape):
-    k, d_in, d_out = shape
-    return weight.reshape(d_out, k, d_in).transpose(1, 2, 0)
-
-
-def audio_weight_table(class_name: str) -> WeightTable:
-    """The state-dict naming of one audio class (base model unprefixed, heads under `data2vec_audio.`)."""
-    if class_name == "Data2VecAudioModel":
-        return WeightTable(AUDIO_BASE_RULES)
-    rules = prefixed(AUDIO_BASE_RULES, "data2vec_audio", "data2vec_audio") + (
-        (r"(lm_head|projector|classifier|feature_extractor)", r"\1"),
-        (r"tdnn_(\d+)", r"tdnn.\1.kernel"),
-        (r"", r""),  # layer_weights
-    )
-    specials = {
-        r"tdnn_(\d+)/kernel": Special(r"tdnn.\1.kernel.weight", _tdnn_to_torch, _tdnn_from_torch),
-        r"objective": Special("objective.weight", lambda w: w, lambda w, shape: w),
-    }
-    return WeightTable(rules, specials)
 
 
 def is_feature_encoder_param(path: tuple[str, ...]) -> bool:

@@ -17,7 +17,16 @@ from flax import traverse_util
 from . import audio_heads
 from .audio import Data2VecAudioModel
 from .config import Data2VecAudioConfig, Data2VecTextConfig
-from .weights import ConversionReport, WeightTable, from_state_dict, scan_params, to_state_dict, unscan_params
+from .weights import (
+    ConversionReport,
+    WeightTable,
+    audio_weight_table,
+    from_state_dict,
+    scan_params,
+    text_weight_table,
+    to_state_dict,
+    unscan_params,
+)
 
 AUDIO_CLASSES = {
     "Data2VecAudioModel": Data2VecAudioModel,
@@ -60,8 +69,7 @@ def config_class(name: str) -> type:
 def weight_table(name: str, config=None) -> WeightTable:
     """The state-dict naming of class `name`; `config` decides whether the text LM decoder is tied."""
     if is_audio(name):
-        return audio_heads.audio_weight_table(name)
-    from .text_heads import text_weight_table
+        return audio_weight_table(name)
     return text_weight_table(name, getattr(config, "tie_word_embeddings", True))
 
 

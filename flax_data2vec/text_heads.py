@@ -20,7 +20,6 @@ from .config import Data2VecTextConfig
 from .layers import dense, gelu, layer_norm
 from .outputs import HeadOutput, QuestionAnsweringOutput
 from .text import Data2VecTextModel, check_text_inputs
-from .weights import WeightTable
 
 Array = jax.Array
 BASE = "data2vec_text"
@@ -285,44 +284,3 @@ class Data2VecTextForQuestionAnswering(_TextHead):
             loss = losses.span_loss(start_logits, end_logits, start_positions, end_positions)
         return QuestionAnsweringOutput(start_logits=start_logits, end_logits=end_logits, loss=loss,
                                        hidden_states=out.hidden_states, attentions=out.attentions)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# PyTorch state-dict names
-def _encoder_rules(p: str, t: str) -> list[tuple[str, str]]:
-    """Rules for the encoder at flax prefix `p` ('' or 'data2vec_text/') / torch prefix `t`."""
-    layer, tl = p + r"encoder/layer/layers_(\d+)", t + r"encoder.layer.\1"
-    return [
-        (p + r"embeddings/(word_embeddings|position_embeddings|token_type_embeddings)", t + r"embeddings.\1"),
-        (p + r"embeddings/layer_norm", t + "embeddings.LayerNorm"),
-        (layer + r"/(attention|crossattention)/(query|key|value)", tl + r".\2.self.\3"),
-        (layer + r"/(attention|crossattention)/out", tl + r".\2.output.dense"),
-        (layer + r"/(attention|crossattention)_norm", tl + r".\2.output.LayerNorm"),
-        (layer + r"/intermediate", tl + ".intermediate.dense"),
-        (layer + r"/output", tl + ".output.dense"),
-        (layer + r"/output_norm", tl + ".output.LayerNorm"),
-        (p + "pooler", t + "pooler.dense"),
-    ]
-
-
-_HEAD_RULES = {
-    "Data2VecTextModel": [],
-    "Data2VecTextForMaskedLM": [("lm_head", "lm_head"), (r"lm_head/(dense|layer_norm|decoder)", r"lm_head.\1")],
-    "Data2VecTextForSequenceClassification": [(r"classifier/(dense|out_proj)", r"classifier.\1")],
-    "Data2VecTextForMultipleChoice": [("classifier", "classifier")],
-    "Data2VecTextForTokenClassification": [("classifier", "classifier")],
-    "Data2VecTextForQuestionAnswering": [("qa_outputs", "qa_outputs")],
-}
-_HEAD_RULES["Data2VecTextForCausalLM"] = _HEAD_RULES["Data2VecTextForMaskedLM"]
-
-def text_weight_table(class_name: str, tie_word_embeddings: bool = True) -> WeightTable:
-    """The flax <-> transformers name table of one text class (`class_name` as in transformers)."""
-    if class_name not in _HEAD_RULES:
-        raise KeyError(f"unknown text class {class_name!r}; expected one of {sorted(_HEAD_RULES)}")
-    p, t = ("", "") if class_name == "Data2VecTextModel" else (BASE + "/", BASE + ".")
-    rules = _encoder_rules(p, t) + _HEAD_RULES[class_name]
-    tied = {}
-    if class_name in ("Data2VecTextForMaskedLM", "Data2VecTextForCausalLM") and tie_word_embeddings:
-        tied = {"lm_head.decoder.weight": p + "embeddings/word_embeddings/embedding",
-                "lm_head.decoder.bias": "lm_head/bias"}
-    return WeightTable(rules, tied=tied, ignored_torch=(t + "embeddings.position_ids", t + "embeddings.token_type_ids"))

@@ -3,7 +3,7 @@
 A table is a list of `(flax_regex, torch_template)` pairs over module paths (leaf name excluded),
 tried in order; the leaf is renamed and reshaped by its kind (Linear/Conv kernel, LayerNorm scale,
 embedding) unless a *special* rule names the full flax path. Both directions use the same table,
-so a name is written once. Models keep their tables beside their code (`audio_heads.py`, `text_heads.py`).
+so a name is written once. The tables of both modalities are here, as is the base <-> head merge in Flax space.
 """
 
 from __future__ import annotations
@@ -185,6 +185,96 @@ def scan_params(params: Mapping) -> dict:
         n = sum(1 for k in d if re.fullmatch(r"layers_\d+", k))
         return stack_layer_params(d, n)
     return _map_layer_containers(params, fn, is_stack)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the audio classes' names in transformers' state dict
+_LAYER = r"encoder/transformer/layers_(\d+)"
+AUDIO_BASE_RULES = (
+    (r"feature_extractor/conv_layers_(\d+)/(conv|layer_norm)", r"feature_extractor.conv_layers.\1.\2"),
+    (r"feature_projection/(layer_norm|projection)", r"feature_projection.\1"),
+    (r"encoder/pos_conv_embed/layers_(\d+)", r"encoder.pos_conv_embed.layers.\1.conv"),
+    (r"encoder/layer_norm", r"encoder.layer_norm"),
+    (_LAYER + r"/attention/query", r"encoder.layers.\1.attention.q_proj"),
+    (_LAYER + r"/attention/key", r"encoder.layers.\1.attention.k_proj"),
+    (_LAYER + r"/attention/value", r"encoder.layers.\1.attention.v_proj"),
+    (_LAYER + r"/attention/out", r"encoder.layers.\1.attention.out_proj"),
+    (_LAYER + r"/attention_norm", r"encoder.layers.\1.layer_norm"),
+    (_LAYER + r"/intermediate", r"encoder.layers.\1.feed_forward.intermediate_dense"),
+    (_LAYER + r"/output", r"encoder.layers.\1.feed_forward.output_dense"),
+    (_LAYER + r"/output_norm", r"encoder.layers.\1.final_layer_norm"),
+    (r"adapter/(proj|proj_layer_norm)", r"adapter.\1"),
+    (r"adapter/layers_(\d+)", r"adapter.layers.\1.conv"),
+    (r"", r""),  # masked_spec_embed
+)
+
+
+def _tdnn_to_torch(kernel):
+    k, d_in, d_out = kernel.shape  # flax (k, in, out) -> torch Linear (out, k*in)
+    return kernel.transpose(2, 0, 1).reshape(d_out, k * d_in)
+
+
+def _tdnn_from_torch(weight, shape):
+    k, d_in, d_out = shape
+    return weight.reshape(d_out, k, d_in).transpose(1, 2, 0)
+
+
+def audio_weight_table(class_name: str) -> WeightTable:
+    """The state-dict naming of one audio class (base model unprefixed, heads under `data2vec_audio.`)."""
+    if class_name == "Data2VecAudioModel":
+        return WeightTable(AUDIO_BASE_RULES)
+    rules = prefixed(AUDIO_BASE_RULES, "data2vec_audio", "data2vec_audio") + (
+        (r"(lm_head|projector|classifier|feature_extractor)", r"\1"),
+        (r"tdnn_(\d+)", r"tdnn.\1.kernel"),
+        (r"", r""),  # layer_weights
+    )
+    specials = {
+        r"tdnn_(\d+)/kernel": Special(r"tdnn.\1.kernel.weight", _tdnn_to_torch, _tdnn_from_torch),
+        r"objective": Special("objective.weight", lambda w: w, lambda w, shape: w),
+    }
+    return WeightTable(rules, specials)
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the text classes' names in transformers' state dict
+def _encoder_rules(p: str, t: str) -> list[tuple[str, str]]:
+    """Rules for the encoder at flax prefix `p` ('' or 'data2vec_text/') / torch prefix `t`."""
+    layer, tl = p + r"encoder/layer/layers_(\d+)", t + r"encoder.layer.\1"
+    return [
+        (p + r"embeddings/(word_embeddings|position_embeddings|token_type_embeddings)", t + r"embeddings.\1"),
+        (p + r"embeddings/layer_norm", t + "embeddings.LayerNorm"),
+        (layer + r"/(attention|crossattention)/(query|key|value)", tl + r".\2.self.\3"),
+        (layer + r"/(attention|crossattention)/out", tl + r".\2.output.dense"),
+        (layer + r"/(attention|crossattention)_norm", tl + r".\2.output.LayerNorm"),
+        (layer + r"/intermediate", tl + ".intermediate.dense"),
+        (layer + r"/output", tl + ".output.dense"),
+        (layer + r"/output_norm", tl + ".output.LayerNorm"),
+        (p + "pooler", t + "pooler.dense"),
+    ]
+
+
+_TEXT_HEAD_RULES = {
+    "Data2VecTextModel": [],
+    "Data2VecTextForMaskedLM": [("lm_head", "lm_head"), (r"lm_head/(dense|layer_norm|decoder)", r"lm_head.\1")],
+    "Data2VecTextForSequenceClassification": [(r"classifier/(dense|out_proj)", r"classifier.\1")],
+    "Data2VecTextForMultipleChoice": [("classifier", "classifier")],
+    "Data2VecTextForTokenClassification": [("classifier", "classifier")],
+    "Data2VecTextForQuestionAnswering": [("qa_outputs", "qa_outputs")],
+}
+_TEXT_HEAD_RULES["Data2VecTextForCausalLM"] = _TEXT_HEAD_RULES["Data2VecTextForMaskedLM"]
+
+def text_weight_table(class_name: str, tie_word_embeddings: bool = True) -> WeightTable:
+    """The flax <-> transformers name table of one text class (`class_name` as in transformers)."""
+    if class_name not in _TEXT_HEAD_RULES:
+        raise KeyError(f"unknown text class {class_name!r}; expected one of {sorted(_TEXT_HEAD_RULES)}")
+    p, t = ("", "") if class_name == "Data2VecTextModel" else ("data2vec_text/", "data2vec_text.")
+    rules = _encoder_rules(p, t) + _TEXT_HEAD_RULES[class_name]
+    tied = {}
+    if class_name in ("Data2VecTextForMaskedLM", "Data2VecTextForCausalLM") and tie_word_embeddings:
+        tied = {"lm_head.decoder.weight": p + "embeddings/word_embeddings/embedding",
+                "lm_head.decoder.bias": "lm_head/bias"}
+    return WeightTable(rules, tied=tied, ignored_torch=(t + "embeddings.position_ids", t + "embeddings.token_type_ids"))
 
 
 class MergeReport(NamedTuple):

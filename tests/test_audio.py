@@ -9,8 +9,7 @@ import transformers
 from conftest import assert_close  # noqa: E402
 
 import flax_data2vec as fd
-from flax_data2vec.audio_heads import audio_weight_table
-from flax_data2vec.weights import scan_params, to_state_dict
+from flax_data2vec.weights import audio_weight_table, scan_params, to_state_dict
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
              conv_dim=(16, 16, 16), conv_stride=(5, 2, 2), conv_kernel=(10, 3, 3), num_conv_pos_embedding_groups=4,

@@ -22,7 +22,7 @@ from flax_data2vec import (
 )
 from flax_data2vec.config import Data2VecTextConfig  # noqa: E402
 from flax_data2vec.text import init_cache, position_ids_from_input_ids  # noqa: E402
-from flax_data2vec.text_heads import text_weight_table  # noqa: E402
+from flax_data2vec.weights import text_weight_table  # noqa: E402
 
 TEXT_MODELS = {n: c for n, c in registry.model_classes().items() if n.startswith("Data2VecText")}
 from conftest import TOL, assert_close  # noqa: E402
