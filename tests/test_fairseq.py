@@ -1,7 +1,6 @@
 """fairseq data2vec v1 files: fd.load matches the transformers model they were written from; safe unpickling."""
 
 import copy
-import os
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ import torch
 import transformers
 from fairseq_files import WritesMarker, half, save_fairseq
 from test_convert import script
-from test_hub import AUDIO, TEXT, cache_entries, tiny_torch_model, truncate
+from test_hub import TEXT, cache_entries, tiny_torch_model, truncate
 
 import flax_data2vec as fd
 from flax_data2vec import fairseq, hub
@@ -83,7 +82,8 @@ def test_v1_audio_pretrained_student_teacher_and_export(tmp_path):
     x, mask = audio_inputs()
     with pytest.warns(UserWarning, match="float16 weights were converted to float32"):
         module, params = fd.load(path)
-    assert type(module).__name__ == "Data2VecAudioModel" and params["encoder"]["layer_norm"]["scale"].dtype == np.float32
+    assert type(module).__name__ == "Data2VecAudioModel"
+    assert params["encoder"]["layer_norm"]["scale"].dtype == np.float32
     got = np.asarray(module.apply({"params": params}, x, mask).last_hidden_state)
     np.testing.assert_allclose(got, torch_out(model, x, mask), atol=1e-4)
 
