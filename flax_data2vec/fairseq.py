@@ -140,7 +140,13 @@ def _split_ema(model: dict, family: str) -> tuple[dict, dict]:
     return tensors, ema
 
 
-def inspect(path: str | os.PathLike) -> FairseqCheckpoint:
+def _upgrade_v1_text(key: str) -> str:
+    if key.startswith("decoder."):
+        key = "encoder." + key[len("decoder."):]
+    return key.replace(".emb_layer_norm.", ".layernorm_embedding.")
+
+
+def inspect_checkpoint(path: str | os.PathLike) -> FairseqCheckpoint:
     """Read `path` and say what it holds; one clear error for anything that is not a data2vec checkpoint."""
     path = os.fspath(path)
     state = read_checkpoint(path)
@@ -148,7 +154,10 @@ def inspect(path: str | os.PathLike) -> FairseqCheckpoint:
         raise CheckpointError(f"{path} has no 'model' state dict: is it a fairseq checkpoint?")
     model_cfg, finetune_cfg = _model_cfg(state, path)
     family = _family(model_cfg, path)
-    tensors, ema = _split_ema(state["model"], family)
+    model = state["model"]
+    if family == "v1-text":  # data2vec_text's own upgrade of older names (upgrade_state_dict_named)
+        model = {_upgrade_v1_text(k): v for k, v in model.items()}
+    tensors, ema = _split_ema(model, family)
     dictionary = (state.get("task_state") or {}).get("target_dictionary")
     vocabulary = None
     if isinstance(dictionary, dict) and dictionary.get("symbols"):
@@ -179,14 +188,12 @@ def _head(tensors: dict) -> str | None:
 
 
 def choose_class(ck: FairseqCheckpoint, requested: str | None, path: str) -> str:
-    natural = NATURAL_CLASS[(ck.family, _head(ck.tensors))]
+    natural = NATURAL_CLASS.get((ck.family, _head(ck.tensors))) or NATURAL_CLASS[(ck.family, None)]
     if requested is None:
         return natural
-    prefix = FAMILY_PREFIX[ck.family]
-    if requested not in registry.model_classes() or not requested.startswith(prefix) or \
-            requested.startswith(prefix + "2") != prefix.startswith("Data2Vec2"):
-        family = [n for n in registry.model_classes() if n.startswith(prefix) and
-                  n.startswith("Data2Vec2") == prefix.startswith("Data2Vec2")]
+    family = [n for n in {**registry.model_classes(), **registry.data2vec2_classes()}
+              if n.startswith(FAMILY_PREFIX[ck.family])]
+    if requested not in family:
         raise ValueError(f"architecture {requested!r} does not suit {path} ({ck.family} checkpoint); "
                          f"choose one of {', '.join(family)}")
     return requested
@@ -210,8 +217,10 @@ def state_dict_for(ck: FairseqCheckpoint, weights: str, path: str) -> tuple[dict
                                   "load it with weights='student'")
         unknown = sorted(k for k in ck.ema if k not in tensors)
         if unknown:
-            raise CheckpointError(f"{path}: teacher weights without a student counterpart: {', '.join(unknown[:5])}")
-        tensors.update(ck.ema)  # parts the teacher shares with the student (CNN, embeddings) stay the student's
+            warnings.warn(f"{path}: {len(unknown)} teacher entries have no student counterpart and are ignored: "
+                          f"{', '.join(unknown[:5])}", stacklevel=3)
+        # parts the teacher shares with the student (CNN, embeddings) stay the student's
+        tensors.update({k: v for k, v in ck.ema.items() if k in tensors})
     dropped = sorted(k for k in tensors if PRETRAINING_ONLY.fullmatch(k) or k.startswith("modality_encoders.")
                      and not k.startswith(f"modality_encoders.{ck.family[3:].upper()}."))
     tensors = {k: v for k, v in tensors.items() if k not in dropped}
@@ -235,8 +244,6 @@ def _v1_names(arrays: dict, family: str) -> dict:
     base = "data2vec_audio." if audio else "data2vec_text."
     out = {}
     for k, v in arrays.items():
-        if not audio:  # data2vec_text's own upgrade of older names
-            k = k.replace("decoder.", "encoder.").replace(".emb_layer_norm.", ".layernorm_embedding.")
         if audio and k.startswith("w2v_encoder."):
             k = "lm_head." + k[len("w2v_encoder.proj."):] if k.startswith("w2v_encoder.proj.") else \
                 k[len("w2v_encoder.w2v_model."):]
@@ -255,7 +262,7 @@ def _v1_names(arrays: dict, family: str) -> dict:
 # entry points
 def convert(path: str, architecture: str | None = None, weights: str = "student") -> tuple[Any, dict, dict]:
     """(float32 module, host params with new ones zero, info) from a fairseq file; info as `hub.params_for`."""
-    ck = inspect(path)
+    ck = inspect_checkpoint(path)
     name = choose_class(ck, architecture, path)
     config = build_config(ck, path)
     module = registry.model_class(name)(config=config.replace(architectures=(name,)))

@@ -40,20 +40,22 @@ def _text_classes() -> dict:
                 "Data2VecTextForQuestionAnswering")}}
 
 
-def _data2vec2_classes() -> dict:
+def data2vec2_classes() -> dict[str, type]:
+    """The data2vec 2.0 classes (fairseq-named state dicts; no transformers counterpart)."""
     from .data2vec2_heads import DATA2VEC2_CLASSES
     return DATA2VEC2_CLASSES
 
 
 def model_classes() -> dict[str, type]:
-    """All twelve classes, keyed by their transformers name, and the data2vec 2.0 classes."""
-    return {**AUDIO_CLASSES, **_text_classes(), **_data2vec2_classes()}
+    """All twelve classes, keyed by their transformers name."""
+    return {**AUDIO_CLASSES, **_text_classes()}
 
 
 def model_class(name: str) -> type:
-    classes = _data2vec2_classes() if is_data2vec2(name) else AUDIO_CLASSES if is_audio(name) else _text_classes()
+    classes = data2vec2_classes() if is_data2vec2(name) else AUDIO_CLASSES if is_audio(name) else _text_classes()
     if name not in classes:
-        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(sorted(model_classes()))}")
+        known = sorted({**model_classes(), **data2vec2_classes()})
+        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(known)}")
     return classes[name]
 
 
