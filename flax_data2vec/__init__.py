@@ -1,5 +1,6 @@
 """flax_data2vec: Data2Vec audio and text models in JAX/Flax, numerically matching transformers."""
 
+from . import fairseq  # noqa: E402 - fd.fairseq.vocabulary / inspect; `fd.load("x.pt")` reads fairseq files
 from .audio import Data2VecAudioModel
 from .audio_heads import (
     Data2VecAudioForAudioFrameClassification,
@@ -9,6 +10,16 @@ from .audio_heads import (
     feature_encoder_labels,
 )
 from .config import Data2VecAudioConfig, Data2VecTextConfig
+from .data2vec2 import Data2Vec2AudioModel, Data2Vec2TextModel
+from .data2vec2_config import Data2Vec2AudioConfig, Data2Vec2TextConfig
+from .data2vec2_heads import (
+    Data2Vec2AudioForCTC,
+    Data2Vec2AudioForSequenceClassification,
+    Data2Vec2TextForMaskedLM,
+    Data2Vec2TextForQuestionAnswering,
+    Data2Vec2TextForSequenceClassification,
+    Data2Vec2TextForTokenClassification,
+)
 from .hub import load, save
 from .registry import from_transformers, init_params, model_class, to_transformers_state_dict
 from .text import Data2VecTextModel
@@ -31,4 +42,8 @@ __all__ = [
     "Data2VecTextForMultipleChoice", "Data2VecTextForTokenClassification", "Data2VecTextForQuestionAnswering",
     "from_transformers", "to_transformers_state_dict", "init_params", "model_class", "feature_encoder_labels",
     "load", "save",
+    "Data2Vec2AudioConfig", "Data2Vec2TextConfig", "Data2Vec2AudioModel", "Data2Vec2AudioForCTC",
+    "Data2Vec2AudioForSequenceClassification", "Data2Vec2TextModel", "Data2Vec2TextForMaskedLM",
+    "Data2Vec2TextForSequenceClassification", "Data2Vec2TextForTokenClassification",
+    "Data2Vec2TextForQuestionAnswering", "fairseq",
 ]

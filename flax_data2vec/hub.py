@@ -44,7 +44,8 @@ CACHE_ENV = "FLAX_DATA2VEC_CACHE"
 # looked for in this order; an index names the shards
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
-BASE_CLASSES = {"data2vec-audio": "Data2VecAudioModel", "data2vec-text": "Data2VecTextModel"}  # by model_type
+BASE_CLASSES = {"data2vec-audio": "Data2VecAudioModel", "data2vec-text": "Data2VecTextModel",  # by model_type
+                "data2vec2-audio": "Data2Vec2AudioModel", "data2vec2-text": "Data2Vec2TextModel"}
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -316,14 +317,14 @@ def _convert(source: Source, name: str, options: dict) -> tuple[Any, dict, dict]
     return module, params, info
 
 
-def _cache_entry(source: Source, name: str, options: dict) -> str:
-    """The converted Orbax checkpoint of (source, class), converting on first use."""
+def _cache_entry(source: Source, name: str, options: dict, convert: Callable = _convert) -> str:
+    """The converted Orbax checkpoint of (source, class), converting on first use with `convert`."""
     digest = hashlib.sha256(json.dumps([source.key, name, options], sort_keys=True, default=str).encode())
     slug = re.sub(r"[^A-Za-z0-9._-]+", "--", source.label.strip("/"))[-48:]
     entry = os.path.join(cache_dir(), f"{slug}--{name}-{digest.hexdigest()[:16]}")
     if checkpoint.is_checkpoint(entry):
         return entry
-    module, params, info = _convert(source, name, options)
+    module, params, info = convert(source, name, options)
     try:
         checkpoint.save(entry, module, params, overwrite=os.path.lexists(entry) and not checkpoint.is_checkpoint(entry),
                         metadata={"source": source.key, **info})
@@ -345,7 +346,11 @@ def load(name_or_path: str | os.PathLike, architecture: str | None = None, dtype
     sharding: a jax.sharding.Sharding for every param, or a function (path, shape) -> Sharding, path being
       the key tuple in the unrolled layer layout; each array is read straight into its shards.
     revision: hub branch, tag or commit. module_options: further module fields (scan_layers, remat, ...).
+    A fairseq `.pt` file is read by `fairseq.load` (which also takes `weights="teacher"`).
     """
+    if os.fspath(name_or_path).endswith(".pt"):
+        from . import fairseq
+        return fairseq.load(name_or_path, architecture, dtype, param_dtype, sharding, rng=rng, **module_options)
     source = resolve(name_or_path, revision)
     if source.kind == "orbax":
         stored = checkpoint.read_metadata(source.directory)["architecture"]
@@ -354,12 +359,17 @@ def load(name_or_path: str | os.PathLike, architecture: str | None = None, dtype
         return _orbax_as(source, architecture, dtype, param_dtype, sharding, rng, module_options)
     name = choose_architecture(read_config(source.directory), architecture, source.label)
     options = {k: v for k, v in module_options.items() if k not in checkpoint.SPEED_OPTIONS}
-    entry = _cache_entry(source, name, options)
+    return load_entry(_cache_entry(source, name, options), source.label, dtype, param_dtype, sharding, rng,
+                      module_options)
+
+
+def load_entry(entry: str, label: str, dtype, param_dtype, sharding, rng, module_options: dict) -> tuple[Any, dict]:
+    """(module, params) from a conversion-cache entry: restore, initialise new head params, warn what changed."""
     info = checkpoint.read_metadata(entry)
     module = checkpoint.build_module(entry, dtype, param_dtype, **module_options)
     params = checkpoint.restore_params(entry, module, sharding)
     params = checkpoint.init_new(module, params, info["new_paths"], rng, sharding)
-    _warn(name, source.label, info)
+    _warn(info["architecture"], label, info)
     return module, (scan_params(params) if module.scan_layers else params)
 
 

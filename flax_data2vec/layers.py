@@ -51,7 +51,10 @@ class Attention(nn.Module):
 
     Runs through `jax.nn.dot_product_attention` (cuDNN flash attention on GPU when
     `implementation='cudnn'`), except when attention weights are requested or attention dropout is
-    active, which need the explicit softmax.
+    active, which need the explicit softmax. `bias` (broadcastable to (batch, heads, q, k), e.g. ALiBi) is
+    added to the scaled logits before masking; both the 'xla' and the 'cudnn' implementations take it
+    (cuDNN as a (batch|1, heads|1, q, k) tensor), so the fast path is kept. `fused_qkv` stores q, k and v
+    as one `qkv` Dense (rows [q; k; v], data2vec 2.0's layout).
     """
 
     num_heads: int
@@ -61,15 +64,23 @@ class Attention(nn.Module):
     implementation: str | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    fused_qkv: bool = False
 
     @nn.compact
     def __call__(self, x: Array, kv: Array | None = None, mask: Array | None = None, *, causal: bool = False,
-                 deterministic: bool = True, output_attentions: bool = False, decode: bool = False):
+                 deterministic: bool = True, output_attentions: bool = False, decode: bool = False,
+                 bias: Array | None = None):
         head_dim = self.hidden_size // self.num_heads
         proj = functools.partial(dense, self.hidden_size, self.init_std, dtype=self.dtype, param_dtype=self.param_dtype)
-        kv = x if kv is None else kv
         split = lambda t: t.reshape(t.shape[:-1] + (self.num_heads, head_dim))  # noqa: E731
-        q, k, v = split(proj(name="query")(x)), split(proj(name="key")(kv)), split(proj(name="value")(kv))
+        if self.fused_qkv:
+            if kv is not None:
+                raise ValueError("fused_qkv attention is self-attention only")
+            qkv = dense(3 * self.hidden_size, self.init_std, "qkv", self.dtype, self.param_dtype)(x)
+            q, k, v = (split(t) for t in jnp.split(qkv, 3, axis=-1))
+        else:
+            kv = x if kv is None else kv
+            q, k, v = split(proj(name="query")(x)), split(proj(name="key")(kv)), split(proj(name="value")(kv))
 
         if decode:
             k, v, mask = self._update_cache(k, v, mask)
@@ -90,6 +101,8 @@ class Attention(nn.Module):
                               stacklevel=2)
             scale = head_dim ** -0.5
             logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+            if bias is not None:
+                logits = logits + bias.astype(jnp.float32)
             if mask is not None:
                 logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
             weights = jax.nn.softmax(logits, axis=-1)
@@ -98,7 +111,8 @@ class Attention(nn.Module):
                 probs = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
             out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
         else:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
+            out = jax.nn.dot_product_attention(q, k, v, None if bias is None else bias.astype(q.dtype), mask=mask,
+                                               implementation=self.implementation)
         out = out.reshape(out.shape[:2] + (self.hidden_size,))
         return proj(name="out")(out), (weights if output_attentions else None)
 
@@ -129,6 +143,9 @@ class TransformerLayer(nn.Module):
 
     Returns the new hidden states and (self-attention weights, cross-attention weights, FFN output).
     The FFN output is taken before dropout, residual and LayerNorm: the data2vec regression target.
+    `layer_norm_first=True` gives the pre-LN block of data2vec 2.0 instead: x + attn(norm(x)), then
+    x + ffn(norm(x)) (the same two LayerNorms, applied to the branch inputs). `ffn_dropout` (default
+    `hidden_dropout`) is the dropout on the FFN output (data2vec 2.0's `post_mlp_drop`).
     """
 
     hidden_size: int
@@ -144,19 +161,25 @@ class TransformerLayer(nn.Module):
     attention_implementation: str | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    layer_norm_first: bool = False
+    fused_qkv: bool = False
+    ffn_dropout: float | None = None
 
     @nn.compact
     def __call__(self, x: Array, mask: Array | None, encoder_hidden_states: Array | None = None,
                  encoder_mask: Array | None = None, deterministic: bool = True, output_attentions: bool = False,
-                 decode: bool = False):
+                 decode: bool = False, bias: Array | None = None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attention = functools.partial(Attention, self.num_heads, self.hidden_size, self.attention_dropout,
                                       self.init_std, self.attention_implementation, **kw)
         drop = lambda t: nn.Dropout(self.hidden_dropout)(t, deterministic=deterministic)  # noqa: E731
         norm = lambda name: layer_norm(self.layer_norm_eps, name, **kw)  # noqa: E731
+        if self.layer_norm_first:
+            return self._pre_ln(x, mask, bias, attention, drop, norm, deterministic, output_attentions)
 
-        h, self_weights = attention(name="attention")(x, mask=mask, causal=self.causal, deterministic=deterministic,
-                                                      output_attentions=output_attentions, decode=decode)
+        h, self_weights = attention(name="attention", fused_qkv=self.fused_qkv)(
+            x, mask=mask, causal=self.causal, deterministic=deterministic, output_attentions=output_attentions,
+            decode=decode, bias=bias)
         x = norm("attention_norm")(x + drop(h))
         cross_weights = None
         if self.cross_attention:
@@ -164,11 +187,30 @@ class TransformerLayer(nn.Module):
                 x, encoder_hidden_states, mask=encoder_mask, deterministic=deterministic,
                 output_attentions=output_attentions)
             x = norm("crossattention_norm")(x + drop(h))
+        ffn = self._ffn(x, deterministic)
+        x = norm("output_norm")(x + self._ffn_drop(ffn, deterministic))
+        return x, (self_weights, cross_weights, ffn)
+
+    def _ffn(self, x: Array, deterministic: bool) -> Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = gelu(dense(self.intermediate_size, self.init_std, "intermediate", **kw)(x))
         h = nn.Dropout(self.activation_dropout)(h, deterministic=deterministic)
-        ffn = dense(self.hidden_size, self.init_std, "output", **kw)(h)
-        x = norm("output_norm")(x + drop(ffn))
-        return x, (self_weights, cross_weights, ffn)
+        return dense(self.hidden_size, self.init_std, "output", **kw)(h)
+
+    def _ffn_drop(self, ffn: Array, deterministic: bool) -> Array:
+        rate = self.hidden_dropout if self.ffn_dropout is None else self.ffn_dropout
+        return nn.Dropout(rate)(ffn, deterministic=deterministic)
+
+    def _pre_ln(self, x, mask, bias, attention, drop, norm, deterministic, output_attentions):
+        """Pre-LN block (data2vec 2.0 `layer_norm_first`); self-attention only."""
+        if self.cross_attention or self.causal:
+            raise ValueError("layer_norm_first=True supports bidirectional self-attention only")
+        h, weights = attention(name="attention", fused_qkv=self.fused_qkv)(
+            norm("attention_norm")(x), mask=mask, deterministic=deterministic, output_attentions=output_attentions,
+            bias=bias)
+        x = x + drop(h)
+        ffn = self._ffn(norm("output_norm")(x), deterministic)
+        return x + self._ffn_drop(ffn, deterministic), (weights, None, ffn)
 
 
 class _ScanBody(nn.Module):
@@ -178,10 +220,11 @@ class _ScanBody(nn.Module):
     layerdrop: float
 
     @nn.compact
-    def __call__(self, x, _, mask, encoder_hidden_states, encoder_mask, deterministic, output_attentions, decode):
+    def __call__(self, x, _, mask, encoder_hidden_states, encoder_mask, deterministic, output_attentions, decode,
+                 bias=None):
         y, extras = run_layer(self, lambda parent: self.layer(name="layer", parent=parent), x,
-                              (mask, encoder_hidden_states, encoder_mask, deterministic, output_attentions, decode),
-                              self.layerdrop)
+                              (mask, encoder_hidden_states, encoder_mask, deterministic, output_attentions, decode,
+                               bias), self.layerdrop)
         return y, (y, extras)
 
 
@@ -217,7 +260,8 @@ class TransformerStack(nn.Module):
     """`num_layers` TransformerLayers, unrolled (params `layers_{i}`) or scanned (params `layers`, stacked).
 
     Returns (last hidden, all hidden states incl. the stack's input, per-layer extras) where the
-    extras are (self-attention weights, cross-attention weights, FFN outputs) per layer.
+    extras are (self-attention weights, cross-attention weights, FFN outputs) per layer. `bias` is an
+    additive attention bias given to every layer (see `Attention`).
     """
 
     num_layers: int
@@ -229,7 +273,7 @@ class TransformerStack(nn.Module):
     @nn.compact
     def __call__(self, x: Array, mask: Array | None, encoder_hidden_states: Array | None = None,
                  encoder_mask: Array | None = None, deterministic: bool = True, output_attentions: bool = False,
-                 decode: bool = False):
+                 decode: bool = False, bias: Array | None = None):
         layer_cls: Any = TransformerLayer
         if self.remat:
             # static: deterministic, output_attentions, decode (argument indices count `self` as 0)
@@ -238,17 +282,17 @@ class TransformerStack(nn.Module):
         if self.scan_layers:
             scanned = nn.scan(
                 _ScanBody, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
-                in_axes=(0,) + (nn.broadcast,) * 6, length=self.num_layers)
+                in_axes=(0,) + (nn.broadcast,) * 7, length=self.num_layers)
             y, (hidden, extras) = scanned(layer, self.layerdrop, name="layers")(
-                x, None, mask, encoder_hidden_states, encoder_mask, deterministic, output_attentions, decode)
+                x, None, mask, encoder_hidden_states, encoder_mask, deterministic, output_attentions, decode, bias)
             hidden_states = (x,) + tuple(hidden[i] for i in range(self.num_layers))
             extras = [jax.tree_util.tree_map(lambda t, i=i: t[i], extras) for i in range(self.num_layers)]
             return y, hidden_states, extras
         hidden_states, extras = [x], []
         for i in range(self.num_layers):
             x, ex = run_layer(self, lambda parent, i=i: layer(name=f"layers_{i}", parent=parent), x,
-                              (mask, encoder_hidden_states, encoder_mask, deterministic, output_attentions, decode),
-                              self.layerdrop)
+                              (mask, encoder_hidden_states, encoder_mask, deterministic, output_attentions, decode,
+                               bias), self.layerdrop)
             hidden_states.append(x)
             extras.append(ex)
         return x, tuple(hidden_states), extras

@@ -1,5 +1,8 @@
 """The twelve model classes by their transformers names, and conversion to and from PyTorch models.
 
+The data2vec 2.0 classes (`data2vec2_heads.DATA2VEC2_CLASSES`) are registered too; their state-dict naming is
+fairseq's (transformers has no 2.0 classes).
+
 `from_transformers(torch_model)` builds the matching flax module and params (config included);
 `to_transformers_state_dict(module, params)` gives back a state dict that the torch model loads strictly.
 """
@@ -46,28 +49,45 @@ def _text_classes() -> dict:
                 "Data2VecTextForQuestionAnswering")}}
 
 
+def data2vec2_classes() -> dict[str, type]:
+    """The data2vec 2.0 classes (fairseq-named state dicts; no transformers counterpart)."""
+    from .data2vec2_heads import DATA2VEC2_CLASSES
+    return DATA2VEC2_CLASSES
+
+
 def model_classes() -> dict[str, type]:
     """All twelve classes, keyed by their transformers name."""
     return {**AUDIO_CLASSES, **_text_classes()}
 
 
 def model_class(name: str) -> type:
-    classes = AUDIO_CLASSES if is_audio(name) else _text_classes()
+    classes = data2vec2_classes() if is_data2vec2(name) else AUDIO_CLASSES if is_audio(name) else _text_classes()
     if name not in classes:
-        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(sorted(model_classes()))}")
+        known = sorted({**model_classes(), **data2vec2_classes()})
+        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(known)}")
     return classes[name]
 
 
 def is_audio(name: str) -> bool:
-    return name.startswith("Data2VecAudio")
+    return name.startswith(("Data2VecAudio", "Data2Vec2Audio"))
+
+
+def is_data2vec2(name: str) -> bool:
+    return name.startswith("Data2Vec2")
 
 
 def config_class(name: str) -> type:
+    if is_data2vec2(name):
+        from .data2vec2_config import Data2Vec2AudioConfig, Data2Vec2TextConfig
+        return Data2Vec2AudioConfig if is_audio(name) else Data2Vec2TextConfig
     return Data2VecAudioConfig if is_audio(name) else Data2VecTextConfig
 
 
 def weight_table(name: str, config=None) -> WeightTable:
     """The state-dict naming of class `name`; `config` decides whether the text LM decoder is tied."""
+    if is_data2vec2(name):
+        from .data2vec2_heads import data2vec2_weight_table
+        return data2vec2_weight_table(name)
     if is_audio(name):
         return audio_weight_table(name)
     return text_weight_table(name, getattr(config, "tie_word_embeddings", True))
@@ -75,17 +95,22 @@ def weight_table(name: str, config=None) -> WeightTable:
 
 def base_prefix(name: str) -> str:
     """Submodule / state-dict prefix of the encoder inside a head class."""
+    if is_data2vec2(name):
+        from .data2vec2_heads import AUDIO_PREFIX, TEXT_PREFIX
+        return AUDIO_PREFIX if is_audio(name) else TEXT_PREFIX
     return "data2vec_audio" if is_audio(name) else "data2vec_text"
 
 
 def encoder_prefix(name: str) -> str | None:
     """Where class `name` keeps its encoder params: under `base_prefix` in a head, at the top in a base model."""
-    return None if name in ("Data2VecAudioModel", "Data2VecTextModel") else base_prefix(name)
+    return None if name.endswith("Model") else base_prefix(name)
 
 
 def dummy_inputs(module) -> tuple:
     """Smallest inputs that initialise every parameter of `module`."""
     c = module.config
+    if hasattr(c, "front_end"):  # data2vec 2.0 audio: the v1 CNN's geometry
+        c = c.front_end()
     if isinstance(c, Data2VecAudioConfig):
         return (jnp.zeros((1, c.receptive_field + 2 * c.inputs_to_logits_ratio), jnp.float32),)
     ids = jnp.full((1, 4), c.bos_token_id or 0, jnp.int32)

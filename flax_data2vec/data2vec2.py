@@ -1,0 +1,179 @@
+"""data2vec 2.0 encoders for speech and text (Baevski et al. 2022, arXiv 2212.07525), inference path.
+
+Audio: waveform -> the wav2vec 2.0 CNN (`local_encoder`) -> LayerNorm + Linear (`project_features`) ->
+x + conv positional encoder(x) -> ALiBi bias with a learned per-head scale -> context encoder (LayerNorm,
+optional prenet blocks) -> `depth` AltBlocks. Text: token + learned position embeddings -> LayerNorm ->
+AltBlocks. The blocks are `layers.TransformerLayer` (post-LN, or pre-LN with `layer_norm_first`) with a
+fused qkv projection; CNN and positional convs are the v1 modules (same math). Pre-training (masking,
+decoder, EMA teacher) is not here. REFERENCE.md §5.5.3 describes the reference path step by step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .audio import FeatureEncoder, PositionalConvEmbedding, check_audio_inputs, feature_attention_mask
+from .base import ModelOptions
+from .data2vec2_config import Data2Vec2AudioConfig, Data2Vec2TextConfig
+from .layers import TransformerStack, dense, layer_norm, mask_to_bias_mask
+from .outputs import BaseModelOutput
+from .text import _embedding_init, position_ids_from_input_ids
+
+Array = jax.Array
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ALiBi (Press et al. 2022), as data2vec 2.0 uses it: symmetric distances, a learned scale per head
+def alibi_slopes(num_heads: int) -> np.ndarray:
+    """Per-head slopes: 2^(-8i/n) for a power of two n; otherwise those of the nearest lower power of two,
+    then every other slope of twice that many (12 heads: 2^-1 ... 2^-8, 2^-0.5, 2^-1.5, 2^-2.5, 2^-3.5)."""
+    def power_of_two(n: int) -> list[float]:
+        start = 2.0 ** (-(2.0 ** -(math.log2(n) - 3)))
+        return [start ** (i + 1) for i in range(n)]
+    if math.log2(num_heads).is_integer():
+        return np.asarray(power_of_two(num_heads), np.float64)
+    low = 2 ** math.floor(math.log2(num_heads))
+    return np.asarray(power_of_two(low) + power_of_two(2 * low)[0::2][:num_heads - low], np.float64)
+
+
+def alibi_bias(num_heads: int, length: int, scale: Array) -> Array:
+    """(1, heads, length, length) float32 bias -slope_h * |i - j| * max(scale_h, 0); `scale` is (heads,) or (1,)."""
+    distance = np.abs(np.arange(length)[:, None] - np.arange(length)[None, :]).astype(np.float32)
+    slopes = jnp.asarray(alibi_slopes(num_heads), jnp.float32)
+    scale = jnp.maximum(scale.astype(jnp.float32), 0.0)  # fairseq clamps the learned scale at 0
+    return (-(slopes * scale)[:, None, None] * distance)[None]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# shared blocks
+def blocks(module: ModelOptions, num_blocks: int, layerdrop: float, name: str) -> TransformerStack:
+    """`num_blocks` AltBlocks (TransformerLayer with fused qkv) as a submodule of `module` (call in compact)."""
+    layer = dict(**module.config.block_kwargs(), attention_implementation=module.attention_implementation,
+                 dtype=module.dtype, param_dtype=module.param_dtype)
+    return TransformerStack(num_blocks, layer, layerdrop=layerdrop, scan_layers=module.scan_layers,
+                            remat=module.remat, name=name)
+
+
+class _Data2Vec2Encoder(ModelOptions):
+    """Context encoder (norm, dropout, prenet blocks) -> dropout_input -> main blocks [-> final norm]."""
+
+    def encode(self, x: Array, key_mask: Array | None, bias: Array | None, context_norm: bool, deterministic: bool,
+               output_attentions: bool):
+        c = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        mask = mask_to_bias_mask(key_mask)
+        if context_norm and not c.layer_norm_first:
+            x = layer_norm(c.norm_eps, "context_norm", **kw)(x)
+        x = nn.Dropout(c.prenet_dropout)(x, deterministic=deterministic)
+        prenet_extras = []
+        if c.prenet_depth:
+            x, _, prenet_extras = blocks(self, c.prenet_depth, c.prenet_layerdrop, "prenet")(
+                x, mask, deterministic=deterministic, output_attentions=output_attentions, bias=bias)
+        if context_norm and c.layer_norm_first:
+            x = layer_norm(c.norm_eps, "context_norm", **kw)(x)
+        x = nn.Dropout(c.dropout_input)(x, deterministic=deterministic)
+        last, hidden, extras = blocks(self, c.depth, c.layerdrop, "blocks")(
+            x, mask, deterministic=deterministic, output_attentions=output_attentions, bias=bias)
+        if c.layer_norm_first:
+            last = layer_norm(c.norm_eps, "norm", **kw)(last)
+        return last, hidden, list(prenet_extras) + list(extras)
+
+
+def _output(last, hidden, extras, output_hidden_states, output_attentions, output_layer_results, **kw):
+    return BaseModelOutput(
+        last_hidden_state=last,
+        hidden_states=hidden if output_hidden_states else None,
+        attentions=tuple(e[0] for e in extras) if output_attentions else None,
+        layer_results=tuple(e[2] for e in extras) if output_layer_results else None, **kw)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# speech
+class Data2Vec2AudioModel(_Data2Vec2Encoder):
+    """The data2vec 2.0 speech encoder: raw 16 kHz audio (batch, samples) -> (batch, frames, embed_dim).
+
+    Unlike v1, padded frames are not zeroed before the positional convs (as in the reference). `hidden_states`
+    and `layer_results` cover the main blocks (prenet blocks add to `layer_results` first).
+    """
+
+    freeze_feature_encoder: bool = False
+
+    @nn.compact
+    def __call__(self, input_values: Array, attention_mask: Array | None = None, *, deterministic: bool = True,
+                 output_attentions: bool = False, output_hidden_states: bool = False,
+                 output_layer_results: bool = False) -> BaseModelOutput:
+        c: Data2Vec2AudioConfig = self.config
+        front = c.front_end()
+        check_audio_inputs(front, input_values, attention_mask)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        features = FeatureEncoder(front, **kw, name="local_encoder")(input_values)
+        if self.freeze_feature_encoder:
+            features = jax.lax.stop_gradient(features)
+        normed = layer_norm(1e-5, "project_features_norm", **kw)(features)
+        x = dense(c.embed_dim, c.initializer_range, "project_features", **kw)(normed)
+        frame_mask = None
+        if attention_mask is not None:
+            frame_mask = feature_attention_mask(front, attention_mask, x.shape[1])
+        x = x + PositionalConvEmbedding(front, **kw, name="relative_positional_encoder")(x)
+        bias = None
+        if c.use_alibi_encoder:
+            scale = self.param("alibi_scale", nn.initializers.constant(c.alibi_scale), (c.alibi_scale_heads,),
+                               self.param_dtype)
+            if not c.learned_alibi_scale:
+                scale = jax.lax.stop_gradient(scale)
+            bias = alibi_bias(c.num_heads, x.shape[1], scale)
+        last, hidden, extras = self.encode(x, frame_mask, bias, True, deterministic, output_attentions)
+        return _output(last, hidden, extras, output_hidden_states, output_attentions, output_layer_results,
+                       extract_features=normed, feature_mask=frame_mask)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# text
+def check_text2_inputs(config: Data2Vec2TextConfig, input_ids, attention_mask=None) -> None:
+    """Reject bad token input with a clear message before anything is traced."""
+    shape, dtype = getattr(input_ids, "shape", None), getattr(input_ids, "dtype", None)
+    if shape is None or len(shape) != 2:
+        raise ValueError(f"input_ids must have shape (batch, seq), got {shape}")
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(f"input_ids must be an integer array of token ids, got dtype {dtype}")
+    if shape[1] > config.max_source_positions:
+        raise ValueError(f"input_ids has {shape[1]} tokens, more than max_source_positions "
+                         f"({config.max_source_positions})")
+    if attention_mask is not None and tuple(np.shape(attention_mask)) != tuple(shape):
+        raise ValueError(f"attention_mask shape {tuple(np.shape(attention_mask))} must equal input_ids shape "
+                         f"{tuple(shape)}")
+    if not isinstance(input_ids, jax.core.Tracer) and np.size(input_ids):
+        lo, hi = int(np.min(input_ids)), int(np.max(input_ids))
+        if lo < 0 or hi >= config.vocab_size:
+            raise ValueError(f"input_ids must lie in [0, {config.vocab_size}), got values in [{lo}, {hi}]")
+
+
+class Data2Vec2TextModel(_Data2Vec2Encoder):
+    """The data2vec 2.0 text encoder: token ids (batch, seq) -> (batch, seq, embed_dim).
+
+    Padding: keys are masked where `attention_mask` is 0, else where the id is the pad id (as fairseq).
+    """
+
+    @nn.compact
+    def __call__(self, input_ids: Array, attention_mask: Array | None = None, *, deterministic: bool = True,
+                 output_attentions: bool = False, output_hidden_states: bool = False,
+                 output_layer_results: bool = False) -> BaseModelOutput:
+        c: Data2Vec2TextConfig = self.config
+        check_text2_inputs(c, input_ids, attention_mask)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        pad = c.pad_token_id
+        embed = lambda n, name: nn.Embed(n, c.embed_dim, embedding_init=_embedding_init(  # noqa: E731
+            c.initializer_range, pad), name=name, **kw)
+        positions = position_ids_from_input_ids(input_ids, pad)
+        x = embed(c.vocab_size, "embed_tokens")(input_ids) + embed(c.max_position_embeddings, "embed_positions")(
+            positions)
+        x = layer_norm(1e-5, "layernorm_embedding", **kw)(x)
+        x = nn.Dropout(c.dropout)(x, deterministic=deterministic)
+        key_mask = (input_ids != pad) if attention_mask is None else attention_mask.astype(bool)
+        last, hidden, extras = self.encode(x, key_mask, None, False, deterministic, output_attentions)
+        return _output(last, hidden, extras, output_hidden_states, output_attentions, output_layer_results)
