@@ -101,7 +101,8 @@ class FillMaskPipeline(TextPipeline):
             if i is None:
                 pieces = self.tokenizer(t, add_special_tokens=False, max_length=1, truncation=True)["input_ids"]
                 if not pieces:
-                    warnings.warn(f"target {t!r} is not in the vocabulary and tokenizes to nothing; ignored", stacklevel=2)
+                    warnings.warn(f"target {t!r} is not in the vocabulary and tokenizes to nothing; ignored",
+                                  stacklevel=2)
                     continue
                 i = pieces[0]
                 warnings.warn(f"target {t!r} is not in the vocabulary; scoring its first token "
