@@ -10,6 +10,7 @@ from .audio_heads import (
 )
 from .config import Data2VecAudioConfig, Data2VecTextConfig
 from .hub import load, save
+from .pipelines import embed, pipeline
 from .registry import from_transformers, init_params, model_class, to_transformers_state_dict
 from .text import Data2VecTextModel
 from .text_heads import (
@@ -30,5 +31,5 @@ __all__ = [
     "Data2VecTextModel", "Data2VecTextForCausalLM", "Data2VecTextForMaskedLM", "Data2VecTextForSequenceClassification",
     "Data2VecTextForMultipleChoice", "Data2VecTextForTokenClassification", "Data2VecTextForQuestionAnswering",
     "from_transformers", "to_transformers_state_dict", "init_params", "model_class", "feature_encoder_labels",
-    "load", "save",
+    "load", "save", "pipeline", "embed",
 ]
