@@ -26,7 +26,9 @@ def instance_norm(x, real, eps: float = 1e-5):
 class _Features:
     """Forward and pooling shared by the audio and text variants (mixed in before their batching base)."""
 
-    def _setup(self, pooling: str, top_k_layers: int):
+    def __init__(self, model: Model, *, pooling: str = "mean", top_k_layers: int = 8, **kw):
+        super().__init__(model, **kw)
+        top_k_layers = min(top_k_layers, self.config.num_hidden_layers)
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         layers = self.config.num_hidden_layers
@@ -64,10 +66,6 @@ class AudioFeatureExtractionPipeline(_Features, AudioPipeline):
 
     task = "feature-extraction"
 
-    def __init__(self, model: Model, *, pooling: str = "mean", top_k_layers: int = 8, **kw):
-        super().__init__(model, **kw)
-        self._setup(pooling, min(top_k_layers, self.config.num_hidden_layers))
-
     def forward_fn(self, params, x, mask):
         out = self.apply(params, x, mask, output_hidden_states=self.pooling == "data2vec")
         return self._outputs(out, out.feature_mask)
@@ -81,10 +79,6 @@ class TextFeatureExtractionPipeline(_Features, TextPipeline):
     """Hidden states (tokens, hidden) of each text, special tokens included (as transformers), or pooled."""
 
     task = "feature-extraction"
-
-    def __init__(self, model: Model, *, pooling: str = "mean", top_k_layers: int = 8, **kw):
-        super().__init__(model, **kw)
-        self._setup(pooling, min(top_k_layers, self.config.num_hidden_layers))
 
     def forward_fn(self, params, ids, mask):
         out = self.module.apply({"params": params}, ids, mask, output_hidden_states=self.pooling == "data2vec")
