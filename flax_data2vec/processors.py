@@ -72,13 +72,13 @@ def save_ctc_processor(directory: str, tokens: list[str] | None = None, sampling
     """vocab.json (unless `tokens` is None and it exists), tokenizer config and preprocessor_config.json for CTC."""
     import json
 
-    from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2Processor
+    from transformers import Wav2Vec2CTCTokenizer
     vocab = os.path.join(directory, "vocab.json")
     if tokens is not None:
         with open(vocab, "w", encoding="utf-8") as f:
             json.dump({t: i for i, t in enumerate(tokens)}, f, ensure_ascii=False, indent=1)
-    tokenizer = Wav2Vec2CTCTokenizer(vocab, **CTC_SPECIALS)
-    Wav2Vec2Processor(feature_extractor(None, sampling_rate=sampling_rate), tokenizer).save_pretrained(directory)
+    Wav2Vec2CTCTokenizer(vocab, **CTC_SPECIALS).save_pretrained(directory)
+    save_feature_extractor(directory, sampling_rate)
 
 
 def save_feature_extractor(directory: str, sampling_rate: int = 16000) -> None:

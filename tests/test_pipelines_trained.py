@@ -47,14 +47,15 @@ def test_pipeline_cer_equals_the_trainers_final_eval_cer(trained, capsys):
     assert cer == pytest.approx(final["eval_cer"], abs=5e-5) and wer == pytest.approx(final["eval_wer"], abs=5e-5)
 
 
-def test_transformers_pipeline_reads_the_exported_directory(trained):
+def test_transformers_pipeline_reads_the_exported_directory(trained, tmp_path):
     out, _ = trained
-    exported = os.path.join(out, "model")
     files, _ = manifest("eval.jsonl")
     files = files[:6]
-    theirs = transformers.pipeline("automatic-speech-recognition", model=exported)
-    ours = fd.pipeline("automatic-speech-recognition", out, batch_size=8)
-    assert [o["text"] for o in ours(files)] == [theirs(f)["text"] for f in files]
+    ours = [o["text"] for o in fd.pipeline("automatic-speech-recognition", out, batch_size=8)(files)]
+    converted = fd.hub.convert_to_transformers(out, str(tmp_path / "hf"))  # processor files travel along
+    for exported in (os.path.join(out, "model"), converted):
+        theirs = transformers.pipeline("automatic-speech-recognition", model=exported)
+        assert ours == [theirs(f)["text"] for f in files]
 
 
 def test_cli_transcribe_formats_and_errors(trained, capsys, tmp_path):

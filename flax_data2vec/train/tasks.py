@@ -263,7 +263,10 @@ class CTCTask(_AudioTask):
         return (per_seq * w).sum(), w.sum(), {}
 
     def eval_outputs(self, params, extra, batch):
-        out = self.module.apply({"params": params}, batch["input_values"], batch["attention_mask"])
+        # pipelines: eval as flax_data2vec.pipeline transcribes, padding-invariant, so eval CER = pipeline CER
+        from ..pipelines.inputs import padding_invariant
+        with padding_invariant(self.module.config, batch["attention_mask"]):
+            out = self.module.apply({"params": params}, batch["input_values"], batch["attention_mask"])
         c = self.module.config
         lengths = conv_output_lengths(c, batch["attention_mask"].sum(-1))
         per_seq = ctc_loss(out.logits, lengths, batch["labels"], c.pad_token_id, "none", zero_infinity=True,
