@@ -111,13 +111,31 @@ class Call:
         return self.pipe(inputs, **self.kw)
 
 
+def text_cases(tmp: str, bs: int, args) -> list[dict]:
+    """fill-mask, text-classification and feature-extraction at bs x 128 tokens, text-base shapes."""
+    import transformers
+
+    import flax_data2vec as fd
+    rows, texts, plain = [], sentences(bs, 126, mask=True), sentences(bs, 126, mask=False)
+    for task, class_name, inputs, kw in (
+            ("fill-mask", "Data2VecTextForMaskedLM", texts, {}),
+            ("text-classification", "Data2VecTextForSequenceClassification", plain, {}),
+            ("feature-extraction", "Data2VecTextModel", plain, {"return_tensors": True})):
+        d = text_checkpoint(os.path.join(tmp, task), class_name, args.quick)
+        rows.append(compare(f"{task} {bs} x 128", "seq", bs, Call(fd.pipeline(task, d, batch_size=bs), inputs, **kw),
+                            Call(transformers.pipeline(task, model=d, batch_size=bs), inputs, **kw), args.repeats))
+    return rows
+
+
 def main(argv=None) -> int:
     import torch
     import transformers
 
     import flax_data2vec as fd
     p = base_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--cases", default="asr-eval,asr-10s,text", help="comma-separated: asr-eval, asr-10s, text")
     args = p.parse_args(argv)
+    cases = set(args.cases.split(","))
     args.repeats = 3 if args.repeats == 5 else args.repeats
     info = setup(args)
     bs = 8
@@ -131,25 +149,14 @@ def main(argv=None) -> int:
         import soundfile as sf
         clips = [sf.read(f, dtype="float32")[0] for f in files]
         seconds = sum(len(c) for c in clips) / 16000
-        rows.append(compare(f"ASR eval set ({len(clips)} clips)", "audio-s", seconds, Call(ours, clips),
-                            Call(theirs, clips), args.repeats))
+        if "asr-eval" in cases:
+            rows.append(compare(f"ASR eval set ({len(clips)} clips)", "audio-s", seconds, Call(ours, clips),
+                                Call(theirs, clips), args.repeats))
         ten = [np.random.default_rng(i).standard_normal(160000).astype(np.float32) * 0.1 for i in range(bs)]
-        rows.append(compare("ASR 8 x 10 s", "audio-s", 80.0, Call(ours, ten), Call(theirs, ten), args.repeats))
-        texts = sentences(bs, 126, mask=True)
-        mlm = text_checkpoint(os.path.join(tmp, "mlm"), "Data2VecTextForMaskedLM", args.quick)
-        rows.append(compare("fill-mask 8 x 128", "seq", bs, Call(fd.pipeline("fill-mask", mlm, batch_size=bs), texts),
-                            Call(transformers.pipeline("fill-mask", model=mlm, batch_size=bs), texts), args.repeats))
-        plain = sentences(bs, 126, mask=False)
-        cls = text_checkpoint(os.path.join(tmp, "cls"), "Data2VecTextForSequenceClassification", args.quick)
-        rows.append(compare("text-classification 8 x 128", "seq", bs,
-                            Call(fd.pipeline("text-classification", cls, batch_size=bs), plain),
-                            Call(transformers.pipeline("text-classification", model=cls, batch_size=bs), plain),
-                            args.repeats))
-        base = text_checkpoint(os.path.join(tmp, "base"), "Data2VecTextModel", args.quick)
-        rows.append(compare("feature-extraction 8 x 128", "seq", bs,
-                            Call(fd.pipeline("feature-extraction", base, batch_size=bs), plain, return_tensors=True),
-                            Call(transformers.pipeline("feature-extraction", model=base, batch_size=bs), plain,
-                                 return_tensors=True), args.repeats))
+        if "asr-10s" in cases:
+            rows.append(compare("ASR 8 x 10 s", "audio-s", 80.0, Call(ours, ten), Call(theirs, ten), args.repeats))
+        if "text" in cases:
+            rows += text_cases(tmp, bs, args)
     print(f"torch threads {torch.get_num_threads()}")
     if args.json:
         with open(args.json, "w") as f:
