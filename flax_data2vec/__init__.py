@@ -21,6 +21,7 @@ from .data2vec2_heads import (
     Data2Vec2TextForTokenClassification,
 )
 from .hub import load, save
+from .pipelines import embed, pipeline
 from .registry import from_transformers, init_params, model_class, to_transformers_state_dict
 from .text import Data2VecTextModel
 from .text_heads import (
@@ -41,7 +42,7 @@ __all__ = [
     "Data2VecTextModel", "Data2VecTextForCausalLM", "Data2VecTextForMaskedLM", "Data2VecTextForSequenceClassification",
     "Data2VecTextForMultipleChoice", "Data2VecTextForTokenClassification", "Data2VecTextForQuestionAnswering",
     "from_transformers", "to_transformers_state_dict", "init_params", "model_class", "feature_encoder_labels",
-    "load", "save",
+    "load", "save", "pipeline", "embed",
     "Data2Vec2AudioConfig", "Data2Vec2TextConfig", "Data2Vec2AudioModel", "Data2Vec2AudioForCTC",
     "Data2Vec2AudioForSequenceClassification", "Data2Vec2TextModel", "Data2Vec2TextForMaskedLM",
     "Data2Vec2TextForSequenceClassification", "Data2Vec2TextForTokenClassification",

@@ -438,4 +438,7 @@ def convert_to_transformers(src: str, dst: str, overwrite: bool = False) -> str:
         raise FileNotFoundError(f"{os.path.abspath(src)} is not a flax_data2vec Orbax checkpoint "
                                 f"(no {checkpoint.MARKER})")
     module, params = checkpoint.restore(src, sharding=checkpoint.host_sharding())
-    return save_transformers(dst, module, params, overwrite)
+    out = save_transformers(dst, module, params, overwrite)
+    from .processors import copy_processor_files  # pipelines: tokenizer / feature extractor travel along
+    copy_processor_files(src, out)
+    return out

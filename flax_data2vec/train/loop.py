@@ -285,6 +285,9 @@ class Trainer:
         if self.is_main:
             save_model(directory, module, params, overwrite=True)
             self.task.save_assets(directory)
+            # pipelines: model.safetensors + processor files, so transformers.pipeline reads this directory too
+            from ..processors import complete_export
+            complete_export(directory, module, params)
             self._print(f"final model written to {directory} (flax_data2vec.load({self.cfg.output_dir!r}))")
         return directory
 
