@@ -270,48 +270,6 @@ def test_packed_text_blocks(tokenizer):
         D.PackedTextDataset(["", "  "], tokenizer)
 
 
-# ----------------------------------------------------------------------------- prefetch
-
-def test_prefetch_matches_and_tracks_state(text_data):
-    it = D.BatchIterator(text_data, 16, seed=2, num_epochs=1)
-    direct = list(D.BatchIterator(text_data, 16, seed=2, num_epochs=1))
-    with D.prefetch(it, 3) as pf:
-        first = next(pf)
-        assert pf.state() == {"epoch": 0, "index": 1}
-        rest = list(pf)
-    for a, b in zip([first] + rest, direct):
-        np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
-    assert len(rest) + 1 == len(direct)
-
-
-def test_prefetch_propagates_errors_and_stops():
-    def broken():
-        yield 1
-        raise RuntimeError("decoder exploded")
-    pf = D.prefetch(broken(), 2)
-    assert next(pf) == 1
-    with pytest.raises(RuntimeError, match="decoder exploded"):
-        next(pf)
-
-    def endless():
-        i = 0
-        while True:
-            yield i
-            i += 1
-    pf = D.prefetch(endless(), 2)
-    assert [next(pf) for _ in range(3)] == [0, 1, 2]
-    pf.close()
-    assert not pf._thread.is_alive()
-    with pytest.raises(StopIteration):
-        next(pf)
-    abandoned = D.prefetch(endless(), 2)
-    thread = abandoned._thread
-    next(abandoned)
-    del abandoned  # dropped without close(): its thread must still end
-    thread.join(timeout=5)
-    assert not thread.is_alive()
-
-
 def test_truecasing_examples():
     """The shipped token-classification default: lower-cased words tagged by their original case."""
     rows = D.truecasing_rows(["Mr. DARCY said no to Elizabeth", "", "a 1811 I"])

@@ -11,9 +11,7 @@ import csv
 import json
 import math
 import os
-import queue
-import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -503,79 +501,3 @@ class TaggedTextDataset:
 
     def load(self, i: int, rng: np.random.Generator | None = None) -> dict:
         return {"input_ids": self.ids[i], "labels": self.tags[i]}
-
-
-# ----------------------------------------------------------------------------- background loading
-
-class prefetch:  # lower-case: used like a function, `for batch in prefetch(it, 4)`
-    """Runs `iterator` in a background thread, `size` items ahead.
-
-    Exceptions raised by the iterator are re-raised in the consumer; `close()` (or leaving a
-    `with` block) stops the thread. `state()` returns the wrapped iterator's state as of the
-    last item *consumed* (not produced), so checkpoints resume at the right batch.
-    """
-
-    _END = object()
-
-    def __init__(self, iterator: Iterator, size: int = 2):
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, size))
-        self._stop = threading.Event()
-        self._state = iterator.state() if hasattr(iterator, "state") else None
-        self._done = False
-        # The worker holds no reference to `self`, so an abandoned prefetcher is collected and
-        # its __del__ stops the thread.
-        self._thread = threading.Thread(target=self._work, args=(iterator, self._queue, self._stop),
-                                        daemon=True, name="prefetch")
-        self._thread.start()
-
-    @staticmethod
-    def _work(it: Iterator, q: queue.Queue, stop: threading.Event) -> None:
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.05)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        try:
-            for item in it:
-                if not put((item, it.state() if hasattr(it, "state") else None, None)):
-                    return
-            put((prefetch._END, None, None))
-        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer thread
-            put((prefetch._END, None, e))
-
-    def __iter__(self) -> prefetch:
-        return self
-
-    def __next__(self):
-        if self._done:
-            raise StopIteration
-        item, state, error = self._queue.get()
-        if item is self._END:
-            self._done = True
-            self._thread.join()
-            if error is not None:
-                raise error
-            raise StopIteration
-        self._state = state
-        return item
-
-    def state(self) -> dict | None:
-        return self._state
-
-    def close(self) -> None:
-        self._stop.set()
-        self._done = True
-        self._thread.join(timeout=10)
-
-    def __del__(self) -> None:
-        self._stop.set()  # an abandoned prefetcher's thread exits instead of polling forever
-
-    def __enter__(self) -> prefetch:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

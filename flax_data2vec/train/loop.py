@@ -21,7 +21,6 @@ import optax
 from . import parallel
 from .checkpointing import TrainCheckpointer, abstract_like
 from .config import TrainConfig
-from .data import prefetch
 from .optim import TrainState, make_optimizer, skipped_steps
 from .tasks import Task, get_task
 
@@ -221,17 +220,15 @@ class Trainer:
             self._print(self.task.data_note)
         summary: dict[str, Any] = {}
         bar = _progress(cfg.max_steps, start_step, cfg.progress and self.is_main)
-        def produce():  # runs in the loader thread; the data position travels with each batch
-            for batch in self.train_iter:
-                pos = self.train_iter.state()
-                yield pos, self.task.prepare(batch, np.random.default_rng([cfg.seed, pos["epoch"], pos["index"]]))
-
+        # the iterator loads ahead (Grain: a thread or worker processes); prepare runs here while the
+        # device works on the previous step (dispatch is asynchronous)
         self.data_position = self.train_iter.state()
-        loader = prefetch(produce(), size=4)
         t0, units, unit_name, n_steps, window = time.perf_counter(), 0.0, "", 0, None
         try:
             for step in range(start_step, cfg.max_steps):
-                self.data_position, batch = next(loader)
+                batch = next(self.train_iter)
+                self.data_position = pos = self.train_iter.state()
+                batch = self.task.prepare(batch, np.random.default_rng([cfg.seed, pos["epoch"], pos["index"]]))
                 unit_name, amount = self.task.throughput_unit(batch)
                 self.state, metrics = self.train_step(self.state, self.to_device(batch))
                 if cfg.parallel == "pmap":
@@ -274,7 +271,7 @@ class Trainer:
             summary["stopped"] = True
         finally:
             bar.close()
-            loader.close()
+            self.train_iter.close()
             for s, h in handlers.items():
                 signal.signal(s, h)
             self.checkpointer.wait()
