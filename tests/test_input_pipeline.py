@@ -8,36 +8,14 @@ import threading
 
 import numpy as np
 import pytest
+import test_data
 
 from flax_data2vec.train import data as D
 from flax_data2vec.train import input_pipeline as P
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SPEECH = os.path.join(ROOT, "data", "speech_digits")
-TEXT = os.path.join(ROOT, "data", "text")
-
-
-@pytest.fixture(scope="module")
-def train_rows():
-    return D.read_manifest(os.path.join(SPEECH, "train.jsonl"))
-
-
-@pytest.fixture(scope="module")
-def vocab(train_rows):
-    return D.CharVocab.from_texts(r["text"] for r in train_rows)
-
-
-@pytest.fixture(scope="module")
-def ctc_data(train_rows, vocab):
-    return D.AudioDataset(train_rows[:96], vocab=vocab)
-
-
-@pytest.fixture(scope="module")
-def text_data():
-    tokenizer = D.build_small_bpe_tokenizer(os.path.join(TEXT, "corpus.txt"), vocab_size=400)
-    rows = D.load_text_lines(os.path.join(TEXT, "classify_eval.jsonl"))
-    labels = D.LabelMap.from_labels(r["label"] for r in rows)
-    return D.TextDataset(rows, tokenizer, max_length=64, label_map=labels)
+# test_data's fixtures, shared (tests/conftest.py should own them once it exists)
+train_rows, vocab, ctc_data, tokenizer, text_data = (test_data.train_rows, test_data.vocab, test_data.ctc_data,
+                                                     test_data.tokenizer, test_data.text_data)
 
 
 def _same(a: list[dict], b: list[dict], skip=()) -> None:
