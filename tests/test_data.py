@@ -10,6 +10,7 @@ import pytest
 import soundfile as sf
 
 from flax_data2vec.train import data as D
+from flax_data2vec.train.input_pipeline import BatchIterator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEECH = os.path.join(ROOT, "data", "speech_digits")
@@ -212,126 +213,62 @@ def test_small_bpe_tokenizer(tokenizer):
         D.TextDataset(rows, tokenizer, split_long=True, label_map=D.LabelMap(["a"]))
 
 
-# ----------------------------------------------------------------------------- buckets and batches
-
-def test_buckets():
-    assert D.bucket_lengths(1000, 4, 64) == [256, 512, 768, 1024]
-    assert D.bucket_lengths(10, 8, 8) == [8, 16]
-    assert D.pad_to_bucket(300, [256, 512]) == 512 and D.pad_to_bucket(256, [256, 512]) == 256
-    with pytest.raises(ValueError, match="length 600 exceeds the largest bucket 512"):
-        D.pad_to_bucket(600, [256, 512])
-
-
-def test_ctc_batches_bounded_shapes(ctc_data, vocab, train_rows):
-    it = D.BatchIterator(ctc_data, 8, n_buckets=3, multiple=1600, num_epochs=2, seed=3)
-    shapes, seen = set(), 0
-    for batch in it:
-        b, s = batch["input_values"].shape
-        assert batch["input_values"].dtype == np.float32 and batch["attention_mask"].dtype == np.int32
-        assert batch["labels"].dtype == np.int32 and b == 8 and s in it.buckets
-        shapes.add((s, batch["labels"].shape[1]))
-        lens = batch["attention_mask"].sum(1)
-        for row in range(b):
-            assert np.all(batch["input_values"][row, lens[row]:] == 0)
-            text = vocab.decode(batch["labels"][row], collapse=False)
-            assert text in {r["text"] for r in train_rows[:96]}
-        seen += b
-    assert seen == 2 * 96 and len(shapes) <= 3
-
-
-def test_eval_iteration_sees_every_example_once(text_data, tokenizer):
-    it = D.BatchIterator(text_data, 32, shuffle=False, num_epochs=1, drop_remainder=False, n_buckets=2)
-    seen = []
-    for batch in it:
-        assert batch["input_ids"].shape[0] == 32 and batch["labels"].shape == (32,)
-        assert np.all(batch["input_ids"][batch["attention_mask"] == 0] == tokenizer.pad_token_id)
-        for row in np.flatnonzero(batch["example_mask"]):
-            seen.append(tuple(batch["input_ids"][row, :batch["attention_mask"][row].sum()]))
-    assert sorted(seen) == sorted(tuple(x) for x in text_data.ids)  # 300 = 9 full batches + 12
-
-
-def test_resume_from_state(text_data):
-    def make():
-        return D.BatchIterator(text_data, 16, seed=7, n_buckets=3)
-    it = make()
-    for _ in range(7):
-        next(it)
-    state = json.loads(json.dumps(it.state()))
-    first = [next(it) for _ in range(15)]  # crosses the epoch boundary (18 batches an epoch)
-    fresh = make()
-    fresh.set_state(state)
-    for a, b in zip(first, [next(fresh) for _ in range(15)]):
-        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-    assert fresh.state() == {"epoch": 1, "index": 4}
-    other_epoch = D.BatchIterator(text_data, 16, seed=7, n_buckets=3)
-    other_epoch.set_state({"epoch": 1, "index": 0})
-    assert not np.array_equal(next(other_epoch)["labels"], next(make())["labels"])
-
-
-def test_host_sharding_and_workers(ctc_data):
-    full = list(D.BatchIterator(ctc_data, 8, num_epochs=1, seed=1, multiple=320))
-    parts = [list(D.BatchIterator(ctc_data, 8, num_epochs=1, seed=1, multiple=320, shard_index=i,
-                                  num_shards=2, num_workers=2)) for i in range(2)]
-    for g, a, b in zip(full, *parts):
-        for k in g:
-            np.testing.assert_array_equal(g[k], np.concatenate([a[k], b[k]]))
-    with pytest.raises(ValueError, match="not divisible by num_shards"):
-        D.BatchIterator(ctc_data, 8, num_shards=3)
-
+# ----------------------------------------------------------------------------- datasets
 
 def test_audio_classification_and_crop(train_rows):
     lm = D.LabelMap.from_labels(r["label"] for r in train_rows)
     ds = D.AudioDataset(train_rows[:20], label_map=lm, max_samples=8000, crop=True)
-    batch = next(D.BatchIterator(ds, 4, buckets=[8000]))
+    batch = next(BatchIterator(ds, 4, buckets=[8000]))
     assert batch["input_values"].shape == (4, 8000) and batch["labels"].shape == (4,)
     dropped = D.AudioDataset(train_rows[:20], max_samples=12000)
     assert len(dropped) + dropped.dropped == 20 and "labels" not in dropped.load(0)
-    with pytest.raises(ValueError, match="every utterance is longer than"):
+    with pytest.raises(ValueError, match=r"all 5 utterances dropped: 0 shorter .* 5 longer than max_samples=10"):
         D.AudioDataset(train_rows[:5], max_samples=10)
     with pytest.raises(ValueError, match="1 unknown labels: yes"):
         D.AudioDataset([r for r in train_rows if r["label"] == "yes"][:2], label_map=D.LabelMap(["no"]))
 
 
-# ----------------------------------------------------------------------------- prefetch
+def test_min_samples_drops_and_reports(train_rows):
+    rows = train_rows[:40]
+    full = D.AudioDataset(rows)
+    ds = D.AudioDataset(rows, min_samples=14000, max_samples=20000, crop=True)
+    short = int((full.lengths < 14000).sum())
+    assert 0 < short < 40 and ds.dropped == ds.dropped_short == short and len(ds) == 40 - short
+    assert ds.lengths.min() >= 14000 and ds.lengths.max() == 20000 and len(ds.load(0)["input_values"]) <= 20000
+    both = D.AudioDataset(rows, min_samples=14000, max_samples=20000)  # without crop, long ones go too
+    assert both.dropped_short == short and both.dropped == short + int((full.lengths > 20000).sum())
+    with pytest.raises(ValueError, match="all 40 utterances dropped: 40 shorter than min_samples=10000000"):
+        D.AudioDataset(rows, min_samples=10_000_000)
 
-def test_prefetch_matches_and_tracks_state(text_data):
-    it = D.BatchIterator(text_data, 16, seed=2, num_epochs=1)
-    direct = list(D.BatchIterator(text_data, 16, seed=2, num_epochs=1))
-    with D.prefetch(it, 3) as pf:
-        first = next(pf)
-        assert pf.state() == {"epoch": 0, "index": 1}
-        rest = list(pf)
-    for a, b in zip([first] + rest, direct):
-        np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
-    assert len(rest) + 1 == len(direct)
 
-
-def test_prefetch_propagates_errors_and_stops():
-    def broken():
-        yield 1
-        raise RuntimeError("decoder exploded")
-    pf = D.prefetch(broken(), 2)
-    assert next(pf) == 1
-    with pytest.raises(RuntimeError, match="decoder exploded"):
-        next(pf)
-
-    def endless():
-        i = 0
-        while True:
-            yield i
-            i += 1
-    pf = D.prefetch(endless(), 2)
-    assert [next(pf) for _ in range(3)] == [0, 1, 2]
-    pf.close()
-    assert not pf._thread.is_alive()
-    with pytest.raises(StopIteration):
-        next(pf)
-    abandoned = D.prefetch(endless(), 2)
-    thread = abandoned._thread
-    next(abandoned)
-    del abandoned  # dropped without close(): its thread must still end
-    thread.join(timeout=5)
-    assert not thread.is_alive()
+def test_packed_text_blocks(tokenizer):
+    """fairseq complete_doc blocks: <s> + whole lines of one document (each ending </s>), <= tokens_per_sample."""
+    paragraphs = [r["text"] for r in D.load_text_lines(os.path.join(TEXT, "corpus.txt"))[:12]]
+    sentences = [s.strip() + "." for p in paragraphs for s in p.split(". ") if s.strip()]
+    docs = [sentences[:40], sentences[40:41], sentences[41:]]
+    ds = D.PackedTextDataset([ln for d in docs for ln in d + [""]], tokenizer, tokens_per_sample=512)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in sentences]
+    assert max(len(x) for x in ids) < 511  # so every block holds whole lines
+    assert max(ds.lengths) <= 512 and all(b[0] == bos and b[-1] == eos for b in ds.ids)
+    blocks, k = [], 0  # each block as the range of sentence numbers it holds
+    for b in ds.ids:
+        body, first = list(b[1:]), k
+        while body:
+            assert body[:len(ids[k])] == ids[k]  # whole lines, in order
+            body, k = body[len(ids[k]):], k + 1
+        blocks.append((first, k))
+    assert k == len(sentences) and len(ds) < len(sentences) / 3  # every line, packed several to a block
+    for (a, end), (nxt, _), length in zip(blocks, blocks[1:], ds.lengths):
+        assert not a < 40 < end and not a < 41 < end  # no block crosses a document boundary
+        assert nxt in (40, 41) or length + len(ids[nxt]) > 512  # a block ends early only at a document's end
+    long_line = " ".join(paragraphs)  # one line longer than a block: cut into pieces that end in </s>
+    cut = D.PackedTextDataset([long_line], tokenizer, tokens_per_sample=64)
+    assert len(cut) > 2 and max(cut.lengths) <= 64 and all(b[-1] == eos for b in cut.ids)
+    whole = tokenizer(long_line, add_special_tokens=False)["input_ids"]
+    assert [t for b in cut.ids for t in b[1:-1]] == whole
+    with pytest.raises(ValueError, match="no text to pack"):
+        D.PackedTextDataset(["", "  "], tokenizer)
 
 
 def test_truecasing_examples():

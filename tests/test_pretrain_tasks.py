@@ -10,7 +10,8 @@ TEXT_NO_DROPOUT = json.dumps({"hidden_dropout_prob": 0.0, "attention_probs_dropo
 COMMON = ["--progress", "false", "--n-buckets", "1", "--batch-size", "8", "--async-checkpointing", "false"]
 JOBS = {
     "pretrain-audio": COMMON + ["--task", "pretrain-audio", "--learning-rate", "1e-3"],
-    "pretrain-text": COMMON + ["--task", "pretrain-text", "--max-text-tokens", "64", "--learning-rate", "1e-3",
+    "pretrain-text": COMMON + ["--task", "pretrain-text", "--max-text-tokens", "64", "--tokens-per-sample", "64",
+                               "--learning-rate", "1e-3",
                                "--model-config", TEXT_NO_DROPOUT],
 }
 FINETUNE = {"pretrain-audio": ("ctc", "Data2VecAudioForCTC"),

@@ -36,7 +36,7 @@ class TrainConfig:
     max_audio_seconds: float = 15.0
     max_text_tokens: int = 128
     n_buckets: int = 3  # distinct padded lengths, so XLA compiles at most this many step shapes
-    num_workers: int = 2  # background audio-decoding threads
+    num_workers: int = 0  # Grain worker processes that load batches (0: one background thread; TPU hosts: several)
     # optimisation
     max_steps: int = 1000
     batch_size: int = 8  # global batch (all devices, all hosts)
@@ -64,6 +64,7 @@ class TrainConfig:
     top_k: int = 0
     ema_anneal_steps: int = 0
     mask_prob: float = -1.0
+    tokens_per_sample: int = 0  # pretrain-text: packed block length (0: the recipe's 512)
     teacher_input: str = ""  # pretrain-text: unmasked (the paper) or masked (fairseq's released code); '': unmasked
     # devices
     parallel: str = "jit"  # jit (Mesh + shardings) or pmap

@@ -1,9 +1,8 @@
-"""Host-side data pipeline: manifests, audio/text loading, vocabularies and fixed-shape batches.
+"""Host-side data: manifests, audio/text loading, vocabularies and the datasets batches are made of.
 
-Everything here is plain numpy so it runs on the host while the accelerator trains. Batches come
-in a small set of bucketed shapes (so jit compiles a bounded number of programs), iteration is
-deterministic given (seed, epoch) and resumable from a two-number state, and each host of a
-multi-host run loads only its own slice of every global batch.
+Everything here is plain numpy so it runs on the host (in Grain's worker processes) while the accelerator
+trains. A dataset has `lengths` (known before decoding, to plan batches), `load(i, rng)`, `pad_value` and
+optional `label_lengths`; input_pipeline.py turns it into bucketed, resumable batches.
 """
 
 from __future__ import annotations
@@ -12,16 +11,13 @@ import csv
 import json
 import math
 import os
-import queue
-import threading
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 import soundfile as sf
 
-IGNORE_INDEX = -100  # label padding, as in transformers' CTC and classification losses
+from .input_pipeline import IGNORE_INDEX
 
 
 def _missing_list(names: Sequence[str], limit: int = 5) -> str:
@@ -298,54 +294,38 @@ def build_small_bpe_tokenizer(corpus: str | Iterable[str], vocab_size: int = 100
     return RobertaTokenizer(vocab=model["vocab"], merges=merges)
 
 
-# ----------------------------------------------------------------------------- buckets & datasets
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-int(n) // multiple) * multiple
-
-
-def bucket_lengths(max_len: int, n_buckets: int, multiple: int = 1) -> list[int]:
-    """Up to `n_buckets` evenly spaced lengths, rounded up to multiples of `multiple`, ending at max_len."""
-    if max_len < 1 or n_buckets < 1 or multiple < 1:
-        raise ValueError(f"bucket_lengths needs positive arguments, got {max_len}, {n_buckets}, {multiple}")
-    return sorted({_round_up(max_len * k / n_buckets, multiple) for k in range(1, n_buckets + 1)})
-
-
-def pad_to_bucket(length: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket that holds `length`."""
-    for b in buckets:
-        if length <= b:
-            return b
-    raise ValueError(f"length {length} exceeds the largest bucket {buckets[-1]}")
-
+# ----------------------------------------------------------------------------- datasets
 
 class AudioDataset:
     """Audio examples from manifest rows or a Hugging Face dataset (sources.py); targets are CTC char ids
     (vocab) or a class id (label_map).
 
     Lengths come from file headers (or a manifest's `frames`, which must count samples at
-    target_sr) so batches can be planned without decoding. Utterances longer than `max_samples`
-    are cropped (`crop`, for pre-training) or dropped (count in `dropped`).
+    target_sr) so batches can be planned without decoding. Utterances shorter than `min_samples` are
+    dropped; longer than `max_samples` they are cropped at a random offset (`crop`, for pre-training)
+    or dropped. `dropped` counts all drops, `dropped_short` those below min_samples.
     """
 
     pad_value = 0.0
+    croppable = True  # load(..., length=n) crops: BatchIterator(crop_to_shortest=True)
 
     def __init__(self, rows: Sequence[dict], *, target_sr: int = 16000, normalize: bool = True,
                  vocab: CharVocab | None = None, label_map: LabelMap | None = None,
-                 max_samples: int | None = None, crop: bool = False):
-        self.target_sr, self.normalize, self.crop, self.max_samples = target_sr, normalize, crop, max_samples
-        self.dropped = 0
+                 max_samples: int | None = None, crop: bool = False, min_samples: int = 0):
+        self.target_sr, self.normalize = target_sr, normalize
         lengths = np.array([audio_length(r["path"], target_sr) if "frames" not in r else int(r["frames"])
                             for r in rows], dtype=np.int64)
+        keep = lengths >= min_samples
+        self.dropped_short = int((~keep).sum())
         if max_samples is not None and not crop:
-            keep = lengths <= max_samples
-            rows, lengths = [r for r, k in zip(rows, keep) if k], lengths[keep]
-            self.dropped = int((~keep).sum())
-            if not rows:
-                raise ValueError(f"every utterance is longer than max_samples={max_samples}")
-        elif max_samples is not None:
-            lengths = np.minimum(lengths, max_samples)
-        self.rows, self.lengths = list(rows), lengths
+            keep &= lengths <= max_samples
+        self.dropped = int((~keep).sum())
+        if not keep.any():
+            raise ValueError(f"all {len(rows)} utterances dropped: {self.dropped_short} shorter than min_samples="
+                             f"{min_samples}, {self.dropped - self.dropped_short} longer than max_samples="
+                             f"{max_samples} (pass crop=True to crop them)")
+        self.rows, self.full_lengths = [r for r, k in zip(rows, keep) if k], lengths[keep]
+        self.lengths = np.minimum(self.full_lengths, max_samples) if max_samples is not None else self.full_lengths
         self.targets: list | None = None
         if vocab is not None:
             texts = [r.get("text") for r in self.rows]
@@ -360,13 +340,17 @@ class AudioDataset:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def load(self, i: int, rng: np.random.Generator | None = None) -> dict:
-        x = load_row_audio(self.rows[i], self.target_sr)
-        if self.max_samples is not None and len(x) > self.max_samples:
-            start = int(rng.integers(len(x) - self.max_samples + 1)) if rng is not None else 0
-            x = x[start:start + self.max_samples]
-        x = x[:self.lengths[i]]  # header-based length is authoritative for batch planning
-        out = {"input_values": normalize_audio(x) if self.normalize else x}
+    def load(self, i: int, rng: np.random.Generator | None = None, length: int | None = None) -> dict:
+        """Example i, normalized over the whole utterance and then cropped at a random offset (rng; 0 without)
+        to `length` samples (default: lengths[i]), in that order as fairseq's RawAudioDataset does."""
+        x = load_row_audio(self.rows[i], self.target_sr)[:self.full_lengths[i]]  # header length plans batches
+        if self.normalize:
+            x = normalize_audio(x)
+        length = int(self.lengths[i] if length is None else length)
+        if len(x) > length:
+            start = int(rng.integers(len(x) - length + 1)) if rng is not None else 0
+            x = x[start:start + length]
+        out = {"input_values": x}
         if self.targets is not None:
             out["labels"] = self.targets[i]
         return out
@@ -410,6 +394,52 @@ class TextDataset:
         if self.targets is not None:
             out["labels"] = self.targets[i]
         return out
+
+
+class PackedTextDataset:
+    """Pre-training blocks as fairseq's TokenBlockDataset(break_mode="complete_doc") + a leading <s>.
+
+    `lines` is plain text, one sentence (or paragraph) a line, a blank line between documents (fairseq's
+    raw-text layout; text without blank lines is one document). Each line ends in </s>; a block is <s>
+    followed by as many whole consecutive lines of one document as fit in `tokens_per_sample`, so no
+    block crosses a document. A line longer than a block is cut into block-sized pieces, each ending in
+    </s> (fairseq would keep it whole, longer than the model's positions).
+    """
+
+    def __init__(self, lines: Iterable[str], tokenizer, *, tokens_per_sample: int = 512):
+        bos, eos = tokenizer.cls_token_id, tokenizer.sep_token_id
+        if tokens_per_sample < 3:
+            raise ValueError(f"tokens_per_sample must hold <s>, a token and </s>, got {tokens_per_sample}")
+        lines = [ln.strip() for ln in lines]
+        sentences = tokenizer([ln for ln in lines if ln], add_special_tokens=False)["input_ids"] if any(lines) else []
+        capacity, piece = tokens_per_sample - 1, tokens_per_sample - 2  # room for <s>; for </s>
+        blocks: list[list[int]] = []
+        current: list[int] = []
+        sentence = iter(sentences)
+        for line in lines + [""]:  # a final blank line closes the last document
+            if not line:
+                if current:
+                    blocks.append(current)
+                current = []
+                continue
+            ids = next(sentence)
+            for part in ([ids[i:i + piece] + [eos] for i in range(0, len(ids), piece)] if ids else [[eos]]):
+                if current and len(current) + len(part) > capacity:
+                    blocks.append(current)
+                    current = []
+                current.extend(part)
+        if not blocks:
+            raise ValueError("no text to pack into blocks")
+        self.ids = [np.array([bos] + b, np.int32) for b in blocks]
+        self.lengths = np.array([len(b) for b in self.ids], dtype=np.int64)
+        self.pad_value = tokenizer.pad_token_id
+        self.label_lengths = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load(self, i: int, rng: np.random.Generator | None = None) -> dict:
+        return {"input_ids": self.ids[i]}
 
 
 def truecase_tags(words: Sequence[str]) -> list[str]:
@@ -471,228 +501,3 @@ class TaggedTextDataset:
 
     def load(self, i: int, rng: np.random.Generator | None = None) -> dict:
         return {"input_ids": self.ids[i], "labels": self.tags[i]}
-
-
-# ----------------------------------------------------------------------------- batching
-
-def _collate(examples: list[dict | None], seq_len: int, label_len: int | None, pad_value: float,
-             fallback: dict) -> dict[str, np.ndarray]:
-    """Pads examples to (B, seq_len); None rows repeat `fallback` with example_mask 0.
-
-    Padding rows copy a real example rather than being all-masked so that every model output
-    (pooling, CTC, attention) stays finite; weight losses and metrics by `example_mask`.
-    """
-    key = "input_values" if "input_values" in fallback else "input_ids"
-    dtype = np.float32 if key == "input_values" else np.int32
-    b = len(examples)
-    inputs = np.full((b, seq_len), pad_value, dtype)
-    mask = np.zeros((b, seq_len), np.int32)
-    example_mask = np.zeros((b,), np.float32)
-    has_labels = "labels" in fallback
-    labels = (np.full((b, label_len), IGNORE_INDEX, np.int32) if label_len is not None
-              else np.zeros((b,), np.int32)) if has_labels else None
-    for r, ex in enumerate(examples):
-        if ex is not None:
-            example_mask[r] = 1.0
-        ex = ex if ex is not None else fallback
-        n = len(ex[key])
-        inputs[r, :n], mask[r, :n] = ex[key], 1
-        if has_labels:
-            if label_len is None:
-                labels[r] = ex["labels"]
-            else:
-                labels[r, :len(ex["labels"])] = ex["labels"]
-    out = {key: inputs, "attention_mask": mask, "example_mask": example_mask}
-    if has_labels:
-        out["labels"] = labels
-    return out
-
-
-class BatchIterator:
-    """Deterministic, resumable iterator of fixed-shape, bucketed batches over a dataset.
-
-    Each epoch's order is a permutation drawn from (seed, epoch); with `group_by_length`, windows
-    of `window` batches are sorted by length before being cut into batches (less padding), and
-    batch order is shuffled again. A batch's sequence length is the bucket of its longest member
-    over the *global* batch, so all hosts see the same shapes; host `shard_index` of `num_shards`
-    loads rows [shard_index*b, (shard_index+1)*b) with b = batch_size // num_shards. CTC label
-    width is fixed per bucket, so there are at most len(buckets) distinct shapes. A last partial
-    batch is dropped (drop_remainder) or filled with example_mask=0 rows. `state()` /
-    `set_state()` give and take {"epoch": e, "index": i}, the next batch to produce.
-    """
-
-    def __init__(self, dataset, batch_size: int, *, buckets: Sequence[int] | None = None,
-                 n_buckets: int = 4, multiple: int = 8, label_multiple: int = 8, seed: int = 0,
-                 shuffle: bool = True, num_epochs: int | None = None, drop_remainder: bool = True,
-                 group_by_length: bool = True, window: int = 16, shard_index: int = 0,
-                 num_shards: int = 1, num_workers: int = 0):
-        if batch_size % num_shards:
-            raise ValueError(f"batch_size {batch_size} is not divisible by num_shards {num_shards}")
-        if not 0 <= shard_index < num_shards:
-            raise ValueError(f"shard_index {shard_index} is outside [0, {num_shards})")
-        self.dataset, self.batch_size, self.seed, self.shuffle = dataset, batch_size, seed, shuffle
-        self.num_epochs, self.drop_remainder = num_epochs, drop_remainder
-        self.group_by_length, self.window = group_by_length, window
-        self.shard_index, self.num_shards = shard_index, num_shards
-        lengths = np.asarray(dataset.lengths)
-        self.buckets = list(buckets) if buckets else bucket_lengths(int(lengths.max()), n_buckets, multiple)
-        bucket_of = np.searchsorted(self.buckets, lengths)  # index of the smallest bucket >= length
-        if bucket_of.max() >= len(self.buckets):
-            raise ValueError(f"an example of length {lengths.max()} exceeds the largest bucket "
-                             f"{self.buckets[-1]}")
-        self._bucket_of = bucket_of
-        self.label_widths = None
-        if getattr(dataset, "label_lengths", None) is not None:  # CTC: widest label up to each bucket
-            widest = [int(dataset.label_lengths[bucket_of <= k].max(initial=1))
-                      for k in range(len(self.buckets))]
-            self.label_widths = [_round_up(w, label_multiple) for w in np.maximum.accumulate(widest)]
-        self.epoch, self.index = 0, 0
-        self._plan_epoch: int | None = None
-        self._plan: list[np.ndarray] = []
-        self._pool = ThreadPoolExecutor(num_workers) if num_workers > 0 else None
-
-    def _make_plan(self, epoch: int) -> list[np.ndarray]:
-        """Global batches of example indices for one epoch (-1 marks a padding row)."""
-        n, bs = len(self.dataset), self.batch_size
-        rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(n) if self.shuffle else np.arange(n)
-        if self.group_by_length:
-            span = bs * self.window
-            lengths = np.asarray(self.dataset.lengths)
-            order = np.concatenate([c[np.argsort(-lengths[c], kind="stable")]
-                                    for c in np.array_split(order, max(1, -(-n // span)))])
-        batches = [order[i:i + bs] for i in range(0, n, bs)]
-        if batches and len(batches[-1]) < bs:
-            if self.drop_remainder:
-                batches.pop()
-            else:
-                batches[-1] = np.concatenate([batches[-1], np.full(bs - len(batches[-1]), -1)])
-        if self.shuffle and self.group_by_length:
-            batches = [batches[i] for i in rng.permutation(len(batches))]
-        if not batches:
-            raise ValueError(f"dataset of {n} examples gives no batch of size {bs} (drop_remainder)")
-        return batches
-
-    def batches_per_epoch(self) -> int:
-        return len(self._get_plan(self.epoch))
-
-    def _get_plan(self, epoch: int) -> list[np.ndarray]:
-        if self._plan_epoch != epoch:
-            self._plan, self._plan_epoch = self._make_plan(epoch), epoch
-        return self._plan
-
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def set_state(self, state: dict) -> None:
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
-
-    def __iter__(self) -> BatchIterator:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        plan = self._get_plan(self.epoch)
-        if self.index >= len(plan):
-            self.epoch, self.index = self.epoch + 1, 0
-            plan = self._get_plan(self.epoch)
-        if self.num_epochs is not None and self.epoch >= self.num_epochs:
-            raise StopIteration
-        batch, epoch = plan[self.index], self.epoch
-        self.index += 1
-        real = batch[batch >= 0]
-        k = int(self._bucket_of[real].max())
-        per_host = self.batch_size // self.num_shards
-        rows = batch[self.shard_index * per_host:(self.shard_index + 1) * per_host]
-
-        def load(i: int):
-            if i < 0:
-                return None
-            return self.dataset.load(i, np.random.default_rng([self.seed, epoch, i]))
-
-        idx = [int(i) for i in rows]
-        examples = list(self._pool.map(load, idx)) if self._pool else [load(i) for i in idx]
-        fallback = next((e for e in examples if e is not None), None)
-        if fallback is None:  # this host's slice is all padding: repeat any real example
-            fallback = load(int(real[0]))
-        label_len = self.label_widths[k] if self.label_widths is not None else None
-        return _collate(examples, self.buckets[k], label_len, self.dataset.pad_value, fallback)
-
-    def close(self) -> None:
-        if self._pool:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-# ----------------------------------------------------------------------------- background loading
-
-class prefetch:  # lower-case: used like a function, `for batch in prefetch(it, 4)`
-    """Runs `iterator` in a background thread, `size` items ahead.
-
-    Exceptions raised by the iterator are re-raised in the consumer; `close()` (or leaving a
-    `with` block) stops the thread. `state()` returns the wrapped iterator's state as of the
-    last item *consumed* (not produced), so checkpoints resume at the right batch.
-    """
-
-    _END = object()
-
-    def __init__(self, iterator: Iterator, size: int = 2):
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, size))
-        self._stop = threading.Event()
-        self._state = iterator.state() if hasattr(iterator, "state") else None
-        self._done = False
-        # The worker holds no reference to `self`, so an abandoned prefetcher is collected and
-        # its __del__ stops the thread.
-        self._thread = threading.Thread(target=self._work, args=(iterator, self._queue, self._stop),
-                                        daemon=True, name="prefetch")
-        self._thread.start()
-
-    @staticmethod
-    def _work(it: Iterator, q: queue.Queue, stop: threading.Event) -> None:
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.05)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        try:
-            for item in it:
-                if not put((item, it.state() if hasattr(it, "state") else None, None)):
-                    return
-            put((prefetch._END, None, None))
-        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer thread
-            put((prefetch._END, None, e))
-
-    def __iter__(self) -> prefetch:
-        return self
-
-    def __next__(self):
-        if self._done:
-            raise StopIteration
-        item, state, error = self._queue.get()
-        if item is self._END:
-            self._done = True
-            self._thread.join()
-            if error is not None:
-                raise error
-            raise StopIteration
-        self._state = state
-        return item
-
-    def state(self) -> dict | None:
-        return self._state
-
-    def close(self) -> None:
-        self._stop.set()
-        self._done = True
-        self._thread.join(timeout=10)
-
-    def __del__(self) -> None:
-        self._stop.set()  # an abandoned prefetcher's thread exits instead of polling forever
-
-    def __enter__(self) -> prefetch:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -20,7 +20,6 @@ import optax
 from . import parallel
 from .checkpointing import TrainCheckpointer, abstract_like
 from .config import TrainConfig
-from .data import prefetch
 from .optim import TrainState, skipped_steps
 from .task import Task
 from .tasks import make_task
@@ -218,13 +217,14 @@ class Trainer:
             self._print(note)
         summary: dict[str, Any] = {}
         bar = _progress(cfg.max_steps, start_step, cfg.progress and self.is_main)
+        # the iterator loads ahead (Grain: a background thread, or worker processes with --num-workers) and
+        # applies the task's host-side masks there; state() is the position after the last batch taken
         self.data_position = self.train_iter.state()
-        loader = prefetch(self.train_iter, size=4)  # loads in a background thread; state() = last batch taken
         t0, units, unit_name, n_steps, window = time.perf_counter(), 0.0, "", 0, None
         try:
             for step in range(start_step, cfg.max_steps):
-                batch = next(loader)
-                self.data_position = loader.state()
+                batch = next(self.train_iter)
+                self.data_position = self.train_iter.state()
                 unit_name, amount = self.task.throughput(batch)
                 self.state, metrics = self.train_step(self.state, self.to_device(batch))
                 if cfg.parallel == "pmap":
@@ -267,7 +267,7 @@ class Trainer:
             summary["stopped"] = True
         finally:
             bar.close()
-            loader.close()
+            self.train_iter.close()
             for s, h in handlers.items():
                 signal.signal(s, h)
             self.checkpointer.wait()

@@ -14,6 +14,7 @@ from ...audio_heads import is_feature_encoder_param
 from .. import data as data_lib
 from .. import sources as sources_lib
 from ..config import REPO_DATA, TrainConfig
+from ..input_pipeline import BatchIterator
 from ..models import PRESETS
 from ..optim import make_optimizer, make_schedule
 
@@ -47,46 +48,20 @@ def shipped_speech(cfg: TrainConfig, **kw) -> tuple[sources_lib.Split, sources_l
     return read_sources(cfg, "audio", "speech_digits/train.jsonl", "speech_digits/eval.jsonl", **kw)
 
 
-class Prepared:
-    """A batch iterator with a host-side per-batch function (masks) applied, keyed by the data position so
-    the result does not depend on where the iterator was resumed; keeps `state()`/`set_state()`."""
-
-    def __init__(self, iterator, prepare: Callable[[dict, np.random.Generator], dict], seed: int):
-        self.iterator, self.prepare, self.seed = iterator, prepare, seed
-        self.buckets = iterator.buckets
-
-    def __iter__(self) -> Prepared:
-        return self
-
-    def __next__(self) -> dict:
-        batch = next(self.iterator)
-        pos = self.iterator.state()
-        return self.prepare(batch, np.random.default_rng([self.seed, pos["epoch"], pos["index"]]))
-
-    def state(self) -> dict:
-        return self.iterator.state()
-
-    def set_state(self, state: dict) -> None:
-        self.iterator.set_state(state)
-
-    def close(self) -> None:
-        self.iterator.close()
-
-
 def iterators(cfg: TrainConfig, train_ds, eval_ds, *, multiple: int, shard_index: int, num_shards: int,
-              num_workers: int = 0, prepare: Callable | None = None) -> tuple[Callable, Callable]:
-    """(train_data, eval_data) factories of bucketed batches over this host's shard; `prepare` (host-side
-    masks) is applied to both, eval with the same masks every time."""
+              prepare: Callable | None = None, crop_to_shortest: bool = False) -> tuple[Callable, Callable]:
+    """(train_data, eval_data) factories of bucketed batches over this host's shard (Grain underneath).
+    `prepare(batch, rng)` (host-side masks) runs in the loader, keyed by the data position for training;
+    eval batches get the same masks at every evaluation and load in one background thread."""
     kw = dict(n_buckets=cfg.n_buckets, multiple=multiple, shard_index=shard_index, num_shards=num_shards,
-              num_workers=num_workers)
+              crop_to_shortest=crop_to_shortest)
 
     def train_data():
-        it = data_lib.BatchIterator(train_ds, cfg.batch_size, seed=cfg.seed, **kw)
-        return it if prepare is None else Prepared(it, prepare, cfg.seed)
+        return BatchIterator(train_ds, cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers,
+                             transform=prepare, **kw)
 
     def eval_data() -> Iterator[dict]:
-        it = data_lib.BatchIterator(eval_ds, cfg.eval_batch_size, shuffle=False, num_epochs=1,
-                                    drop_remainder=False, **kw)
+        it = BatchIterator(eval_ds, cfg.eval_batch_size, shuffle=False, num_epochs=1, drop_remainder=False, **kw)
         if prepare is None:
             return iter(it)
         rng = np.random.default_rng([cfg.seed, EVAL_MASK_SEED])
@@ -95,10 +70,10 @@ def iterators(cfg: TrainConfig, train_ds, eval_ds, *, multiple: int, shard_index
 
 
 def audio_iterators(cfg: TrainConfig, train_ds, eval_ds, shard_index: int, num_shards: int,
-                    prepare: Callable | None = None) -> tuple[Callable, Callable]:
-    """Audio batches, padded to multiples of 320 samples (one frame)."""
+                    prepare: Callable | None = None, crop_to_shortest: bool = False) -> tuple[Callable, Callable]:
+    """Audio batches in multiples of 320 samples (one frame): padded, or cropped to the shortest row."""
     return iterators(cfg, train_ds, eval_ds, multiple=320, shard_index=shard_index, num_shards=num_shards,
-                     num_workers=cfg.num_workers, prepare=prepare)
+                     prepare=prepare, crop_to_shortest=crop_to_shortest)
 
 
 def text_iterators(cfg: TrainConfig, train_ds, eval_ds, shard_index: int, num_shards: int,

@@ -42,6 +42,10 @@ def pretrain_config(cfg: TrainConfig, released: d2v.Data2VecPretrainConfig, dept
         changes["lr"] = cfg.learning_rate
     if cfg.teacher_input:
         changes["teacher_input"] = cfg.teacher_input
+    if cfg.tokens_per_sample > 0:
+        changes["tokens_per_sample"] = cfg.tokens_per_sample
+    if not cfg.train_data:  # the shipped clips are 0.5-2 s: the recipe's 2-s minimum would drop nearly all
+        changes["min_sample_size"] = 0
     if released.warmup_steps:  # keep the released warm-up fraction (10k of 1M updates) on shorter runs
         changes["warmup_steps"] = max(1, round(released.warmup_steps * cfg.max_steps / released.max_updates))
     p = dataclasses.replace(released, **changes)
@@ -130,10 +134,12 @@ def make_pretrain_audio(cfg: TrainConfig, shard_index: int = 0, num_shards: int 
     config, loaded, note = encoder_config(cfg, "Data2VecAudioModel", changes)
     p = pretrain_config(cfg, released, config.num_hidden_layers)
     train, evaluation = common.shipped_speech(cfg, need_text=False)
-    kw = dict(max_samples=p.max_sample_size, crop=True)
-    train_data, eval_data = common.audio_iterators(
-        cfg, data_lib.AudioDataset(train.rows, **kw), data_lib.AudioDataset(evaluation.rows, **kw), shard_index,
-        num_shards, prepare=span_masks(config, p))
+    kw = dict(max_samples=p.max_sample_size, crop=True, min_samples=p.min_sample_size)
+    train_ds, eval_ds = data_lib.AudioDataset(train.rows, **kw), data_lib.AudioDataset(evaluation.rows, **kw)
+    train_data, eval_data = common.audio_iterators(cfg, train_ds, eval_ds, shard_index, num_shards,
+                                                   prepare=span_masks(config, p), crop_to_shortest=p.crop_to_shortest)
+    crops = (f"batches cropped to their shortest clip (fairseq pad=False); clips under {p.min_sample_size} samples "
+             f"skipped: {train_ds.dropped_short} train, {eval_ds.dropped_short} eval")
     options = models.module_options(cfg, audio=True)
     options.pop("frame_multiple", None)
     options["param_dtype"] = jnp.float32
@@ -148,7 +154,7 @@ def make_pretrain_audio(cfg: TrainConfig, shard_index: int = 0, num_shards: int 
         return pred, students.audio_targets(config, options, p, extra["teacher"], projected, frame_mask)
 
     return _task(cfg, p, student, dummy, loaded, student_loss, train_data, eval_data, "Data2VecAudioModel", config,
-                 {}, (note, common.data_note(train, evaluation)))
+                 {}, (note, common.data_note(train, evaluation), crops))
 
 
 def text_span_masks(tokenizer, p: d2v.Data2VecPretrainConfig):
@@ -171,10 +177,11 @@ def make_pretrain_text(cfg: TrainConfig, shard_index: int = 0, num_shards: int =
     tokenizer = common.tokenizer_for(cfg, [r["text"] for r in train.rows])
     config, loaded, note = encoder_config(cfg, "Data2VecTextModel", common.tokenizer_changes(cfg, tokenizer))
     p = pretrain_config(cfg, released, config.num_hidden_layers)
-    kw = dict(max_length=cfg.max_text_tokens, split_long=True)
-    train_data, eval_data = common.text_iterators(
-        cfg, data_lib.TextDataset(train.rows, tokenizer, **kw), data_lib.TextDataset(evaluation.rows, tokenizer, **kw),
-        shard_index, num_shards, prepare=text_span_masks(tokenizer, p))
+    blocks = dict(tokens_per_sample=min(p.tokens_per_sample, config.max_position_embeddings - 2))
+    train_ds = data_lib.PackedTextDataset([r["text"] for r in train.rows], tokenizer, **blocks)
+    eval_ds = data_lib.PackedTextDataset([r["text"] for r in evaluation.rows], tokenizer, **blocks)
+    train_data, eval_data = common.text_iterators(cfg, train_ds, eval_ds, shard_index, num_shards,
+                                                  prepare=text_span_masks(tokenizer, p))
     options = {**models.module_options(cfg, audio=False), "param_dtype": jnp.float32}
     student = students.TextStudent(config, p, options)
     ids = jnp.full((1, 4), config.bos_token_id or 0, jnp.int32)
@@ -190,5 +197,7 @@ def make_pretrain_text(cfg: TrainConfig, shard_index: int = 0, num_shards: int =
                                            ids, mask)
 
     return _task(cfg, p, student, (ids, jnp.ones_like(ids)), loaded, student_loss, train_data, eval_data,
-                 "Data2VecTextModel", config, {"add_pooling_layer": False}, (note, common.data_note(train, evaluation)),
+                 "Data2VecTextModel", config, {"add_pooling_layer": False},
+                 (note, common.data_note(train, evaluation), f"text packed in blocks of {blocks['tokens_per_sample']} "
+                  f"tokens (fairseq complete_doc): {len(train_ds)} train, {len(eval_ds)} eval"),
                  save_assets=tokenizer.save_pretrained)
