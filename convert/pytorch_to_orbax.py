@@ -21,8 +21,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 def run(convert: Callable[[], str], debug: bool = False) -> int:
     """Run `convert`, print the directory it wrote; on failure print one line on stderr and return 1."""
-    if not debug:
-        logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax logs progress at INFO/WARNING
+    if not debug:  # Orbax logs progress, and on failure its worker threads' tracebacks: the one line says it all
+        for name in ("absl", "asyncio", "orbax"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     with warnings.catch_warnings():
         warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
         try:

@@ -8,6 +8,7 @@ from .audio_heads import (
     Data2VecAudioForXVector,
     feature_encoder_labels,
 )
+from .checks import checked, debug_checks
 from .config import Data2VecAudioConfig, Data2VecTextConfig
 from .hub import load, save
 from .registry import from_transformers, init_params, model_class, to_transformers_state_dict
@@ -30,5 +31,5 @@ __all__ = [
     "Data2VecTextModel", "Data2VecTextForCausalLM", "Data2VecTextForMaskedLM", "Data2VecTextForSequenceClassification",
     "Data2VecTextForMultipleChoice", "Data2VecTextForTokenClassification", "Data2VecTextForQuestionAnswering",
     "from_transformers", "to_transformers_state_dict", "init_params", "model_class", "feature_encoder_labels",
-    "load", "save",
+    "load", "save", "checked", "debug_checks",
 ]

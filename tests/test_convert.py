@@ -154,7 +154,7 @@ def test_cli_failures_print_one_line(tmp_path, case):
         src = save_torch(tiny_torch_model("Data2VecAudioModel"), tmp_path / "hf")
         proc, want = cli("orbax_to_pytorch", src, dst), f"error: {src} is not a flax_data2vec Orbax checkpoint"
     else:
-        proc, want = cli("orbax_to_pytorch", tmp_path / "nowhere", dst), "is not a flax_data2vec Orbax checkpoint"
+        proc, want = cli("orbax_to_pytorch", tmp_path / "nowhere", dst), f"error: {tmp_path / 'nowhere'} does not exist"
     assert proc.returncode == 1
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert want in proc.stderr, proc.stderr

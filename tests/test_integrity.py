@@ -1,0 +1,485 @@
+"""Nothing served wrong, nothing poisoned: publishing under races, checksums, refused inputs, one-line messages."""
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+import torch
+from test_hub import ROOT, assert_same_outputs, cache_entries, edit_config, save_torch, tiny_torch_model
+
+import flax_data2vec as fd
+from flax_data2vec import checkpoint, hub, publish
+from flax_data2vec.config import Data2VecAudioConfig, Data2VecTextConfig
+
+RACE_ROUNDS = 3
+LOADERS = 3
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(hub.CACHE_ENV, str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def audio_model():
+    return tiny_torch_model("Data2VecAudioModel")
+
+
+def assert_nothing_published():
+    """No cache entry that reads as a checkpoint, and no temp dir left."""
+    for name in cache_entries():
+        path = os.path.join(hub.cache_dir(), name)
+        assert ".tmp-" not in name and not checkpoint.is_checkpoint(path), name
+
+
+def one_line(e: pytest.ExceptionInfo) -> str:
+    message = str(e.value)
+    assert "\n" not in message.strip(), message
+    return message
+
+
+def flip_byte(path, offset: int | None = None) -> None:
+    data = bytearray(Path(path).read_bytes())
+    offset = len(data) // 2 if offset is None else offset
+    data[offset] ^= 0x10
+    Path(path).write_bytes(bytes(data))
+
+
+def biggest_file(directory) -> str:
+    files = [os.path.join(r, f) for r, _, fs in os.walk(directory) for f in fs]
+    return max(files, key=os.path.getsize)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# publishing
+def test_live_or_young_temps_are_kept_dead_old_ones_removed(tmp_path):
+    dst = str(tmp_path / "out")
+    long_ago = time.time() - 2 * publish.STALE_AFTER_S
+    live = f"{dst}.tmp-otherhost-1-aaaaaaaa"  # another host's writer: same PID as ours would mean nothing
+    os.makedirs(live)
+    Path(f"{dst}.lock-otherhost-1-aaaaaaaa").touch()
+    holder = os.open(f"{dst}.lock-otherhost-1-aaaaaaaa", os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # it holds its lock: alive, however old its files look
+    young = f"{dst}.tmp-{os.getpid()}"  # an older version's name with our own PID, seconds old: kept
+    os.makedirs(young)
+    dead = f"{dst}.tmp-deadhost-7-bbbbbbbb"
+    os.makedirs(dead)
+    Path(f"{dst}.lock-deadhost-7-bbbbbbbb").touch()
+    for p in (live, dead, f"{dst}.lock-otherhost-1-aaaaaaaa", f"{dst}.lock-deadhost-7-bbbbbbbb"):
+        os.utime(p, (long_ago, long_ago))
+    with publish.atomic_directory(dst) as tmp:
+        Path(tmp, "whole").write_text("x")
+    os.close(holder)
+    names = sorted(os.listdir(tmp_path))
+    assert names == sorted(["out", os.path.basename(live), os.path.basename(young), "out.lock-otherhost-1-aaaaaaaa"])
+    assert publish.remove_stale_writes(dst) == ["otherhost-1-aaaaaaaa"]  # its lock is free now and it is old
+
+
+def test_overwrite_never_leaves_dst_missing(tmp_path):
+    dst = str(tmp_path / "out")
+    with publish.atomic_directory(dst) as tmp:
+        Path(tmp, "v").write_text("0")
+    missing, stop = [], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            if not os.path.isfile(os.path.join(dst, "v")):
+                missing.append(time.time())
+
+    def write(i):
+        for _ in range(30):
+            with publish.atomic_directory(dst, overwrite=True) as tmp:
+                Path(tmp, "v").write_text(str(i))
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    writers = [threading.Thread(target=write, args=(i,)) for i in (1, 2)]  # two overwriters at once: both succeed
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    stop.set()
+    watcher.join()
+    assert missing == []
+    assert sorted(os.listdir(tmp_path)) == ["out"] and Path(dst, "v").read_text() in ("1", "2")
+
+
+def test_interrupted_fallback_swap_is_repaired(tmp_path):
+    """Killed between moving the old dst aside and moving the new one in (filesystems without RENAME_EXCHANGE)."""
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "whole").write_text("x")
+    os.replace(dst, tmp_path / "out.old-deadhost-9-cccccccc")
+    long_ago = time.time() - 2 * publish.STALE_AFTER_S
+    os.utime(tmp_path / "out.old-deadhost-9-cccccccc", (long_ago, long_ago))
+    os.utime(tmp_path / "out.old-deadhost-9-cccccccc" / "whole", (long_ago, long_ago))
+    publish.remove_stale_writes(dst)
+    assert sorted(os.listdir(tmp_path)) == ["out"] and os.listdir(dst) == ["whole"]
+
+
+RACE = """
+    import os, sys, time
+    import flax_data2vec as fd
+    from flax_data2vec import hub
+    src, workdir, me, loaders, rounds = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+    convert = hub._convert
+    def counted(*a, **k):
+        print("converted", flush=True)
+        return convert(*a, **k)
+    hub._convert = counted
+    for r in range(rounds):  # a fresh cache each round; all loaders start it together (a file barrier)
+        open(os.path.join(workdir, f"ready-{r}-{me}"), "w").close()
+        while sum(os.path.exists(os.path.join(workdir, f"ready-{r}-{i}")) for i in range(loaders)) < loaders:
+            time.sleep(0.01)
+        os.environ[hub.CACHE_ENV] = os.path.join(workdir, f"cache{r}")
+        fd.load(src)
+    print("loaded", flush=True)
+"""
+
+
+def test_concurrent_first_loads_from_separate_pid_namespaces(tmp_path, audio_model):
+    """Every loader is PID 1 of its own namespace (as containers on a pod are): none deletes another's temp."""
+    probe = subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True, check=False)
+    prefix = ["unshare", "--pid", "--fork"] if probe.returncode == 0 else []  # else: same PID namespace, still racing
+    src = save_torch(audio_model, tmp_path / "ckpt")
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([*prefix, sys.executable, "-c", textwrap.dedent(RACE), src, str(tmp_path), str(i),
+                               str(LOADERS), str(RACE_ROUNDS)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for i in range(LOADERS)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 and "loaded" in o[0] for p, o in zip(procs, outs)), [o[1][-2000:] for o in outs]
+    assert sum(o[0].count("converted") for o in outs) == RACE_ROUNDS  # per round, one converted and the rest waited
+    for r in range(RACE_ROUNDS):
+        cache = tmp_path / f"cache{r}"
+        entries = [n for n in os.listdir(cache) if not n.startswith(".")]
+        assert len(entries) == 1 and checkpoint.is_checkpoint(cache / entries[0]), entries
+        os.environ[hub.CACHE_ENV] = str(cache)
+        module, params = fd.load(src)  # loadable every time: every file the marker names, checksums included
+        assert_same_outputs(audio_model, module, params)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checksums, cache key
+@pytest.fixture()
+def orbax_ckpt(tmp_path, audio_model):
+    module, params = fd.from_transformers(audio_model)
+    return fd.save(tmp_path / "orbax", module, params), module, params
+
+
+def test_marker_lists_every_file_with_its_checksum(orbax_ckpt):
+    path, _, _ = orbax_ckpt
+    info = checkpoint.read_metadata(path)
+    on_disk = {os.path.relpath(os.path.join(r, f), path) for r, _, fs in os.walk(path) for f in fs}
+    assert set(info["files"]) == on_disk - {checkpoint.MARKER} and "config.json" in info["files"]
+
+
+def test_bit_flip_in_orbax_array_file_is_refused(orbax_ckpt):
+    path, _, _ = orbax_ckpt
+    victim = biggest_file(os.path.join(path, "params"))
+    flip_byte(victim)
+    with pytest.raises(hub.CheckpointError) as e:
+        fd.load(path)
+    assert f"{victim} fails its checksum" in one_line(e)
+    with pytest.raises(hub.CheckpointError, match="fails its checksum"):
+        hub.convert_to_transformers(path, os.path.join(os.path.dirname(path), "hf"))
+    assert not os.path.exists(os.path.join(os.path.dirname(path), "hf"))
+
+
+def test_bit_flip_in_a_cache_entry_is_converted_again(tmp_path, audio_model):
+    src = save_torch(audio_model, tmp_path / "ckpt")
+    fd.load(src)
+    (entry,) = cache_entries()
+    flip_byte(biggest_file(os.path.join(hub.cache_dir(), entry, "params")))
+    with pytest.warns(UserWarning, match="failed its check and is converted again"):
+        module, params = fd.load(src)
+    assert_same_outputs(audio_model, module, params)
+    checkpoint.check_files(os.path.join(hub.cache_dir(), entry))
+
+
+def test_bit_flip_in_written_safetensors_is_refused(orbax_ckpt, tmp_path):
+    path, _, _ = orbax_ckpt
+    hf = hub.convert_to_transformers(path, tmp_path / "hf")
+    weights = os.path.join(hf, "model.safetensors")
+    flip_byte(weights, os.path.getsize(weights) - 100)  # inside the last tensor's data
+    with pytest.raises(hub.CheckpointError) as e:
+        fd.load(hf)
+    assert f"{weights} fails its checksum" in one_line(e)
+    assert_nothing_published()
+
+
+def test_same_size_same_mtime_replacement_is_not_served_stale(tmp_path, audio_model):
+    src = save_torch(audio_model, tmp_path / "ckpt")
+    other_model = tiny_torch_model("Data2VecAudioModel", seed=1)
+    other = save_torch(other_model, tmp_path / "other")
+    fd.load(src)
+    weights = os.path.join(src, "model.safetensors")
+    before = os.stat(weights)
+    assert os.path.getsize(os.path.join(other, "model.safetensors")) == before.st_size
+    shutil.copy2(os.path.join(other, "model.safetensors"), weights)  # cp -p: content new, size and mtime as before
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(weights).st_mtime_ns == before.st_mtime_ns and os.stat(weights).st_size == before.st_size
+    module, params = fd.load(src)
+    assert_same_outputs(other_model, module, params)
+
+
+def test_non_finite_weights_refused_at_conversion_and_load(tmp_path, audio_model, monkeypatch):
+    src = save_torch(audio_model, tmp_path / "ckpt")
+    weights = safetensors.numpy.load_file(os.path.join(src, "model.safetensors"))
+    weights["encoder.layers.0.attention.q_proj.weight"][0, :16] = np.nan
+    safetensors.numpy.save_file(weights, os.path.join(src, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(hub.CheckpointError) as e:
+        fd.load(src)
+    assert "parameter encoder.layers.0.attention.q_proj.weight holds 16 non-finite values" in one_line(e)
+    assert_nothing_published()
+    module, params = fd.from_transformers(audio_model)
+    params["encoder"]["layer_norm"]["scale"] = params["encoder"]["layer_norm"]["scale"].at[3].set(jnp.inf)
+    with pytest.raises(hub.CheckpointError, match="parameter encoder/layer_norm/scale holds 1 non-finite"):
+        fd.save(tmp_path / "nan", module, params)
+    assert not (tmp_path / "nan").exists()
+    monkeypatch.setattr(checkpoint, "check_finite_params", lambda *a: None)  # written by a version without the check
+    fd.save(tmp_path / "nan", module, params)
+    monkeypatch.undo()
+    with pytest.raises(hub.CheckpointError, match="parameter encoder/layer_norm/scale holds 1 non-finite"):
+        fd.load(tmp_path / "nan")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "convert", "orbax_to_pytorch.py"), tmp_path / "nan",
+                           tmp_path / "nan-hf"], capture_output=True, text=True, check=False)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "non-finite" in proc.stderr and not (tmp_path / "nan-hf").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# refused inputs
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/etc/passwd"])
+def test_shard_paths_are_confined_to_the_checkpoint(tmp_path, audio_model, name):
+    src = save_torch(audio_model, tmp_path / "ckpt", "sharded")
+    index = os.path.join(src, "model.safetensors.index.json")
+    data = json.loads(Path(index).read_text())
+    first = next(iter(data["weight_map"]))
+    data["weight_map"][first] = name
+    Path(index).write_text(json.dumps(data))
+    with pytest.raises(hub.CheckpointError) as e:
+        fd.load(src)
+    assert f"shard name {name!r}" in one_line(e) and index in str(e.value)
+    assert_nothing_published()
+
+
+def test_small_bin_that_expands_hugely_is_refused_before_reading(tmp_path, audio_model):
+    src = save_torch(audio_model, tmp_path / "ckpt", "bin")
+    path = os.path.join(src, "pytorch_model.bin")
+    with zipfile.ZipFile(path) as z:
+        members = [(i, z.read(i)) for i in z.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for info, data in members:
+            z.writestr(info.filename, data)
+        with z.open("pytorch_model/data/huge", "w") as f:  # 96 MiB of zeros deflate to about 100 kB
+            for _ in range(96):
+                f.write(bytes(2**20))
+    assert os.path.getsize(path) < 2**20
+    with pytest.raises(hub.CheckpointError) as e:
+        fd.load(src)
+    assert f"cannot read {path}: it holds 9" in one_line(e) and "MiB the config's parameters can need" in str(e.value)
+    assert_nothing_published()
+
+
+def test_refused_pickle_names_the_call_and_runs_nothing(tmp_path, audio_model):
+    src = save_torch(audio_model, tmp_path / "ckpt", "bin")
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+    torch.save({"x": Evil()}, os.path.join(src, "pytorch_model.bin"))
+    with pytest.raises(hub.CheckpointError) as e:
+        fd.load(src)
+    message = one_line(e)
+    assert "refused: this file's pickle calls `posix.system`, which is not allowed" in message, message
+    assert "weights_only" not in message and "corrupted" not in message
+    assert not marker.exists()
+    assert_nothing_published()
+
+
+@pytest.mark.parametrize("content,want", [
+    (3, "it holds an int, expected a state dict"), ([torch.zeros(2)], "it holds a list, expected a state dict"),
+    ({"a": {"b": torch.zeros(2)}}, "entry 'a' is a dict, expected a tensor")])
+def test_bin_holding_no_state_dict(tmp_path, audio_model, content, want):
+    src = save_torch(audio_model, tmp_path / "ckpt", "bin")
+    torch.save(content, os.path.join(src, "pytorch_model.bin"))
+    with pytest.raises(hub.CheckpointError) as e:
+        fd.load(src)
+    assert f"cannot read {os.path.join(src, 'pytorch_model.bin')}: {want}" in one_line(e)
+    assert_nothing_published()
+
+
+def test_two_d_tensor_where_one_d_is_declared(tmp_path, audio_model):
+    src = save_torch(audio_model, tmp_path / "ckpt")
+    weights = safetensors.numpy.load_file(os.path.join(src, "model.safetensors"))
+    weights["encoder.layer_norm.bias"] = weights["encoder.layer_norm.bias"][None]
+    weights["feature_extractor.conv_layers.1.conv.weight"] = weights["feature_extractor.conv_layers.1.conv.weight"][0]
+    safetensors.numpy.save_file(weights, os.path.join(src, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(hub.CheckpointError) as e:
+        fd.load(src)
+    assert "shape mismatch for" in one_line(e) and "the config expects" in str(e.value)
+    assert_nothing_published()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# damaged Orbax checkpoints
+@pytest.mark.parametrize("damage,want", [
+    ("array file", "is missing: flax_data2vec.json lists it"), ("manifest", "manifest.ocdbt is missing"),
+    ("config", "config.json is missing: flax_data2vec.json lists it"),
+    ("marker json", "flax_data2vec.json: not valid JSON"), ("architecture", "architecture 'Data2VecFoo' is not one"),
+    ("marker list", "holds a JSON list, expected an object")])
+def test_damaged_orbax_checkpoint_is_named(orbax_ckpt, damage, want):
+    path, _, _ = orbax_ckpt
+    marker = os.path.join(path, checkpoint.MARKER)
+    info = json.loads(Path(marker).read_text())
+    if damage == "array file":
+        os.remove(biggest_file(os.path.join(path, "params")))
+    elif damage == "manifest":
+        os.remove(os.path.join(path, "params", "manifest.ocdbt"))
+    elif damage == "config":
+        os.remove(os.path.join(path, "config.json"))
+    elif damage == "marker json":
+        Path(marker).write_text("{not json")
+    elif damage == "architecture":
+        Path(marker).write_text(json.dumps({**info, "architecture": "Data2VecFoo"}))
+    else:
+        Path(marker).write_text("[1, 2]")
+    with pytest.raises((hub.CheckpointError, FileNotFoundError)) as e:
+        fd.load(path)
+    assert want in one_line(e) and path in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# configs
+@pytest.mark.parametrize("change,want", [
+    ({"num_hidden_layers": "2"}, "num_hidden_layers must be an integer, got '2' (str)"),
+    ({"num_hidden_layers": 2.5}, "num_hidden_layers must be an integer, got 2.5 (float)"),
+    ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer <= 1048576, got 0"),
+    ({"num_attention_heads": 5}, "hidden_size (32) must be divisible by num_attention_heads (5)"),
+    ({"conv_stride": [5, 0, 2]}, "conv_stride[1] must be a positive integer <= 1048576, got 0"),
+    ({"conv_kernel": [10, -3, 3]}, "conv_kernel[1] must be a positive integer <= 1048576, got -3"),
+    ({"layer_norm_eps": float("nan")}, "layer_norm_eps must be a finite number, got nan (float)"),
+    ({"layer_norm_eps": 0.0}, "layer_norm_eps must be a finite positive number, got 0.0"),
+    ({"vocab_size": 10**12}, "vocab_size must be a positive integer <= 16777216, got 1000000000000"),
+    ({"hidden_dropout": 1.5}, "hidden_dropout must lie in [0, 1], got 1.5"),
+    ({"conv_bias": "no"}, "conv_bias must be true or false, got 'no' (str)"),
+])
+def test_bad_config_field_is_named_with_the_file(tmp_path, audio_model, change, want):
+    src = save_torch(audio_model, tmp_path / "ckpt")
+    edit_config(src, **change)
+    with pytest.raises(hub.CheckpointError) as e:
+        fd.load(src)
+    assert one_line(e) == f"{os.path.join(src, 'config.json')}: {want}"
+    assert_nothing_published()
+
+
+def test_config_json_that_is_a_list(tmp_path, audio_model):
+    src = save_torch(audio_model, tmp_path / "ckpt")
+    Path(src, "config.json").write_text("[1, 2]")
+    with pytest.raises(hub.CheckpointError, match=r"config.json holds a JSON list, expected an object"):
+        fd.load(src)
+    with pytest.raises(TypeError, match="config.json: a config must be a JSON object"):
+        Data2VecTextConfig.from_pretrained(src)
+    with pytest.raises(ValueError, match="id2label keys must be integer class ids, got 'x'"):
+        Data2VecAudioConfig.from_dict({"id2label": {"x": "a"}})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# labels: eager, and under jit with fd.checked
+def test_ctc_labels_padded_with_minus_one_are_an_error_eager_and_jitted():
+    from test_hub import AUDIO
+    config = Data2VecAudioConfig.from_dict({**AUDIO, "num_hidden_layers": 1})
+    module = fd.Data2VecAudioForCTC(config)
+    params = fd.init_params(module)
+    x = np.random.default_rng(0).standard_normal((2, 800)).astype(np.float32)
+    good = np.array([[1, 2, 3, -100], [4, 5, -100, -100]])
+    bad = np.where(good == -100, -1, good)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 12\) or be -100, got -1"):
+        module.apply({"params": params}, x, labels=bad)
+    loss = fd.checked(lambda p, x, y: module.apply({"params": p}, x, labels=y).loss)
+    assert np.isfinite(loss(params, x, good))
+    with pytest.raises(Exception, match=r"labels must lie in \[0, 12\) or be -100, got -1"):
+        loss(params, x, bad)  # same shapes: the compiled check runs, no second compile
+
+
+def test_token_ids_and_class_labels_checked_under_jit():
+    config = Data2VecTextConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37,
+                                vocab_size=99, max_position_embeddings=40, id2label={0: "a", 1: "b", 2: "c"})
+    module = fd.Data2VecTextForSequenceClassification(config)
+    params = fd.init_params(module)
+    ids = np.full((2, 5), 7, np.int32)
+    logits = fd.checked(lambda p, i, y: module.apply({"params": p}, i, labels=y).loss)
+    logits(params, ids, np.array([0, 2]))
+    bad_ids = ids.copy()
+    bad_ids[1, 2] = 120
+    with pytest.raises(Exception, match=r"input_ids must lie in \[0, 99\), got 120"):
+        logits(params, bad_ids, np.array([0, 2]))
+    with pytest.raises(Exception, match=r"labels must lie in \[0, 3\) or be -100, got 3"):
+        logits(params, ids, np.array([0, 3]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# disk full, interrupted training runs
+def _tmpfs(path: Path, size: str):
+    path.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                          text=True, check=False)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or 'not root'}): the disk-full test needs one")
+
+
+@pytest.mark.parametrize("where", ["before writing", "while writing"])
+def test_disk_full_during_conversion_gives_one_line_and_no_temp_dir(tmp_path, audio_model, where):
+    src = save_torch(audio_model, tmp_path / "ckpt")
+    disk = tmp_path / "disk"
+    _tmpfs(disk, "64k")
+    try:
+        code = f"""
+            import sys
+            sys.path.insert(0, {os.path.join(ROOT, "convert")!r})
+            from flax_data2vec import publish
+            if {where == "while writing"}:  # let the write start, so that the disk fills up under Orbax
+                publish.check_free_space = lambda *a: None
+            import pytorch_to_orbax
+            sys.exit(pytorch_to_orbax.main([{src!r}, {str(disk / "out")!r}]))
+        """
+        proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": ROOT}, timeout=300, check=False)
+        assert proc.returncode == 1, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert f"error: no space left on device {'for' if where == 'before writing' else 'while writing'} " \
+               f"{disk / 'out'}" in proc.stderr
+        assert os.listdir(disk) == []  # no temp dir, no lock file, no half checkpoint
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_load_of_an_interrupted_training_run_reads_its_latest_checkpoint(tmp_path, audio_model):
+    from flax_data2vec.train.checkpointing import TrainCheckpointer
+    from flax_data2vec.train.optim import TrainState
+    module, params = fd.from_transformers(audio_model, scan_layers=True)
+    identity = {"task": "pretrain-audio", "config": module.config.to_dict()}  # no architecture: the base class
+    checkpointer = TrainCheckpointer(str(tmp_path / "run"), async_save=False)
+    for step, saved in ((10, jax.tree_util.tree_map(jnp.zeros_like, params)), (20, params)):
+        state = TrainState(step=jnp.int32(step), params={**saved, "regression_head": {"kernel": jnp.ones((2, 2))}},
+                           opt_state=(), rng=jax.random.PRNGKey(0))
+        checkpointer.save(step, state, {"identity": identity, "step": step})
+    checkpointer.close()
+    with pytest.warns(UserWarning, match=r"has no final model yet .* latest training checkpoint, .*checkpoints/20"):
+        loaded, loaded_params = fd.load(tmp_path / "run")
+    assert type(loaded).__name__ == "Data2VecAudioModel"
+    assert_same_outputs(audio_model, loaded, loaded_params)
