@@ -95,13 +95,18 @@ def _swap_in(tmp: str, dst: str, token: str) -> None:
     raise RuntimeError(f"could not replace {dst}: other writers kept replacing it")
 
 
-def remove_tree(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
+def remove_tree(path: str, patience_s: float = 10.0) -> None:
+    """Remove a file or directory tree; retried while files keep appearing (a failed write's straggling threads)."""
+    if not os.path.isdir(path) or os.path.islink(path):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        return
+    deadline = time.monotonic() + patience_s
+    while True:
         shutil.rmtree(path, ignore_errors=True)
-        if os.path.lexists(path):  # a file appeared while removing (a writer's straggling thread): once more
-            shutil.rmtree(path, ignore_errors=True)
-    elif os.path.lexists(path):
-        os.remove(path)
+        if not os.path.lexists(path) or time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
 
 
 def _try_lock(path: str, create: bool = True) -> int | None:

@@ -455,7 +455,7 @@ def test_disk_full_during_conversion_gives_one_line_and_no_temp_dir(tmp_path, au
             if {where == "while writing"}:  # let the write start, so that the disk fills up under Orbax
                 publish.check_free_space = lambda *a: None
             import pytorch_to_orbax
-            sys.exit(pytorch_to_orbax.main([{src!r}, {str(disk / "out")!r}]))
+            pytorch_to_orbax.exit_with(pytorch_to_orbax.main([{src!r}, {str(disk / "out")!r}]))
         """
         proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                               env={**os.environ, "PYTHONPATH": ROOT}, timeout=300, check=False)
