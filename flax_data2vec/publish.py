@@ -95,15 +95,19 @@ def _swap_in(tmp: str, dst: str, token: str) -> None:
     raise RuntimeError(f"could not replace {dst}: other writers kept replacing it")
 
 
-def remove_tree(path: str, patience_s: float = 10.0) -> None:
-    """Remove a file or directory tree; retried while files keep appearing (a failed write's straggling threads)."""
-    if not os.path.isdir(path) or os.path.islink(path):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
-        return
+def remove_tree(path: str, settle_s: float = 0.0, patience_s: float = 10.0) -> None:
+    """Remove a file or directory tree. `settle_s`: after a failed write, keep watching that long and remove it
+    again if it reappears (TensorStore writes still in flight when Orbax gives up re-create their directories)."""
     deadline = time.monotonic() + patience_s
     while True:
-        shutil.rmtree(path, ignore_errors=True)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        quiet_until = time.monotonic() + settle_s
+        while not os.path.lexists(path) and time.monotonic() < quiet_until:
+            time.sleep(0.05)
         if not os.path.lexists(path) or time.monotonic() > deadline:
             return
         time.sleep(0.05)
@@ -252,6 +256,7 @@ def atomic_directory(dst: str | os.PathLike, overwrite: bool = False, need_bytes
     fd = _try_lock(lock)  # a fresh name: nobody else can hold it
     if fd is None:
         raise OSError(f"cannot create the lock file {lock}")
+    published = False
     try:
         with _Heartbeat(lock):
             os.makedirs(tmp)
@@ -265,8 +270,9 @@ def atomic_directory(dst: str | os.PathLike, overwrite: bool = False, need_bytes
                     if not overwrite:
                         raise FileExistsError(f"{dst} was created by someone else while this write ran") from e
                     _swap_in(tmp, dst, token)
+            published = True
     finally:
-        remove_tree(tmp)  # after a swap: the old dst
+        remove_tree(tmp, settle_s=0.0 if published else 2.0)  # after a swap: the old dst
         remove_tree(f"{dst}.old-{token}")
         with contextlib.suppress(OSError):
             os.remove(lock)
