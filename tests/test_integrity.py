@@ -1,6 +1,7 @@
 """Nothing served wrong, nothing poisoned: publishing under races, checksums, refused inputs, one-line messages."""
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ import torch
 from test_hub import ROOT, assert_same_outputs, cache_entries, edit_config, save_torch, tiny_torch_model
 
 import flax_data2vec as fd
-from flax_data2vec import checkpoint, hub, publish
+from flax_data2vec import checkpoint, hub, integrity, publish
 from flax_data2vec.config import Data2VecAudioConfig, Data2VecTextConfig
 
 RACE_ROUNDS = 3
@@ -218,6 +219,21 @@ def test_bit_flip_in_written_safetensors_is_refused(orbax_ckpt, tmp_path):
         fd.load(hf)
     assert f"{weights} fails its checksum" in one_line(e)
     assert_nothing_published()
+
+
+def test_bit_flip_in_a_hub_cache_blob_is_refused(tmp_path):
+    """huggingface_hub stores LFS weights as blobs/<sha256>, the snapshot file a symlink to it."""
+    data = os.urandom(4096)
+    blob = tmp_path / "blobs" / hashlib.sha256(data).hexdigest()
+    blob.parent.mkdir()
+    blob.write_bytes(data)
+    (tmp_path / "snapshot").mkdir()
+    link = tmp_path / "snapshot" / "model.safetensors"
+    link.symlink_to(blob)
+    integrity.check_hub_blob(str(link))
+    flip_byte(blob)
+    with pytest.raises(hub.CheckpointError, match=f"{link} fails its checksum .*delete it and fetch it again"):
+        integrity.check_hub_blob(str(link))
 
 
 def test_same_size_same_mtime_replacement_is_not_served_stale(tmp_path, audio_model):
