@@ -14,6 +14,7 @@ device sharding through Orbax, after the files are checked against the marker, a
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import warnings
@@ -146,9 +147,6 @@ def check_files(directory: str | os.PathLike, verify: bool = True) -> dict:
     info = read_metadata(directory)
     if "files" in info:
         check_listed_files(os.fspath(directory), info["files"], MARKER, hashes=verify)
-    elif verify:
-        warnings.warn(f"{directory} was written by an older flax_data2vec (format_version 1): it has no checksums "
-                      "to verify; re-save it to add them", stacklevel=3)
     return info
 
 
@@ -208,12 +206,34 @@ def restore_params(directory: str | os.PathLike, module, sharding: ShardingSpec 
                    verify: bool = True) -> dict:
     """Params of `module` (unrolled, cast to module.param_dtype), each read into its device sharding.
 
-    The files are first checked against the marker (`verify`: their SHA-256 too); non-finite params are refused.
+    The files are checked against the marker: presence and size first, their SHA-256 (`verify`) in a thread
+    while Orbax reads, so that hashing costs little wall time; params are returned only once it passed.
+    Non-finite params are refused.
     """
+    info = check_files(directory, verify=False)
+    hashing = None
+    if verify and "files" in info:
+        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="flax_data2vec-verify")
+        hashing = pool.submit(check_listed_files, os.fspath(directory), info["files"], MARKER)
+        pool.shutdown(wait=False)
+    elif verify:
+        warnings.warn(f"{directory} was written by an older flax_data2vec (format_version 1): it has no checksums "
+                      "to verify; re-save it to add them", stacklevel=2)
+    try:
+        params = _read_orbax(directory, target_tree(module, sharding))
+    except CheckpointError:
+        if hashing is not None:
+            hashing.result()  # a damaged file explains an unreadable checkpoint better than Orbax does
+        raise
+    if hashing is not None:
+        hashing.result()
+    check_finite_params(params, os.fspath(directory))
+    return params
+
+
+def _read_orbax(directory: str | os.PathLike, target: dict) -> dict:
     import orbax.checkpoint as ocp
-    check_files(directory, verify)
     path = os.path.abspath(os.path.join(directory, "params"))
-    target = target_tree(module, sharding)
     with ocp.StandardCheckpointer() as checkpointer:
         try:
             meta = checkpointer.metadata(path)
@@ -223,11 +243,9 @@ def restore_params(directory: str | os.PathLike, module, sharding: ShardingSpec 
         if saved is not None:
             _check_fits(saved, target, directory)
         try:
-            params = checkpointer.restore(path, target)
+            return checkpointer.restore(path, target)
         except Exception as e:
             raise CheckpointError(f"could not read the Orbax params in {path}: {_first_line(e)}") from e
-    check_finite_params(params, os.fspath(directory))
-    return params
 
 
 def _first_line(e: BaseException) -> str:

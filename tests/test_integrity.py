@@ -417,10 +417,7 @@ def test_config_json_that_is_a_list(tmp_path, audio_model):
 # ---------------------------------------------------------------------------------------------------------------
 # labels: eager, and under jit with fd.checked
 def test_ctc_labels_padded_with_minus_one_are_an_error_eager_and_jitted():
-    from test_hub import AUDIO
-    config = Data2VecAudioConfig.from_dict({**AUDIO, "num_hidden_layers": 1})
-    module = fd.Data2VecAudioForCTC(config)
-    params = fd.init_params(module)
+    module, params = fd.from_transformers(tiny_torch_model("Data2VecAudioForCTC", num_hidden_layers=1))
     x = np.random.default_rng(0).standard_normal((2, 800)).astype(np.float32)
     good = np.array([[1, 2, 3, -100], [4, 5, -100, -100]])
     bad = np.where(good == -100, -1, good)
@@ -433,10 +430,8 @@ def test_ctc_labels_padded_with_minus_one_are_an_error_eager_and_jitted():
 
 
 def test_token_ids_and_class_labels_checked_under_jit():
-    config = Data2VecTextConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37,
-                                vocab_size=99, max_position_embeddings=40, id2label={0: "a", 1: "b", 2: "c"})
-    module = fd.Data2VecTextForSequenceClassification(config)
-    params = fd.init_params(module)
+    module, params = fd.from_transformers(tiny_torch_model("Data2VecTextForSequenceClassification",
+                                                           num_hidden_layers=1))  # no eager init: it is slow
     ids = np.full((2, 5), 7, np.int32)
     logits = fd.checked(lambda p, i, y: module.apply({"params": p}, i, labels=y).loss)
     logits(params, ids, np.array([0, 2]))
