@@ -362,7 +362,7 @@ def load(name_or_path: str | os.PathLike, architecture: str | None = None, dtype
     module = checkpoint.build_module(entry, dtype, param_dtype, **module_options)
     try:
         params = checkpoint.restore_params(entry, module, sharding)
-    except CheckpointError as e:  # damaged since it was written: the source is at hand, so convert again
+    except integrity.IntegrityError as e:  # damaged since it was written: the source is at hand, convert again
         warnings.warn(f"cache entry {entry} failed its check and is converted again: {e}", stacklevel=2)
         publish.remove_tree(os.path.join(entry, checkpoint.MARKER))
         entry = _cache_entry(source, name, options)

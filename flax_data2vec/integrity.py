@@ -19,9 +19,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from .publish import writer_token
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read, is damaged, or whose weights do not fit its config or the requested class."""
+
+
+class IntegrityError(CheckpointError):
+    """A file is missing, resized or changed since its checkpoint was written (the marker says otherwise)."""
 
 
 def file_sha256(path: str) -> str:
@@ -53,17 +59,17 @@ def check_listed_files(directory: str, files: dict, marker: str, hashes: bool = 
     for rel, want in sorted(files.items()):
         path = os.path.join(directory, rel)
         if not os.path.isfile(path):
-            raise CheckpointError(f"{path} is missing: {marker} lists it as part of the checkpoint")
+            raise IntegrityError(f"{path} is missing: {marker} lists it as part of the checkpoint")
         size = os.path.getsize(path)
         if size != want["size"]:
-            raise CheckpointError(f"{path} has {size} bytes, {marker} records {want['size']}: it was truncated "
+            raise IntegrityError(f"{path} has {size} bytes, {marker} records {want['size']}: it was truncated "
                                   "or replaced after the checkpoint was written")
     if not hashes:
         return
     rels = sorted(files)
     for rel, digest in zip(rels, _hash_all([os.path.join(directory, r) for r in rels])):
         if digest != files[rel]["sha256"]:
-            raise CheckpointError(f"{os.path.join(directory, rel)} fails its checksum (sha256 {digest[:12]}..., "
+            raise IntegrityError(f"{os.path.join(directory, rel)} fails its checksum (sha256 {digest[:12]}..., "
                                   f"{marker} records {files[rel]['sha256'][:12]}...): it was damaged or changed "
                                   "after the checkpoint was written")
 
@@ -84,7 +90,7 @@ def content_digest(path: str, memo_dir: str) -> str:
     digest = file_sha256(real)
     try:
         os.makedirs(memo_dir, exist_ok=True)
-        tmp = f"{memo}.tmp-{os.getpid()}-{id(identity)}"
+        tmp = f"{memo}.tmp-{writer_token()}"
         with open(tmp, "w") as f:
             json.dump({"identity": identity, "sha256": digest}, f)
         os.replace(tmp, memo)

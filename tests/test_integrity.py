@@ -453,27 +453,30 @@ def _tmpfs(path: Path, size: str):
         pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or 'not root'}): the disk-full test needs one")
 
 
-@pytest.mark.parametrize("where", ["before writing", "while writing"])
-def test_disk_full_during_conversion_gives_one_line_and_no_temp_dir(tmp_path, audio_model, where):
+def test_disk_full_during_conversion_gives_one_line_and_no_temp_dir(tmp_path, audio_model):
+    """First caught by the free-space check; then, with that check off, by Orbax failing mid-write."""
     src = save_torch(audio_model, tmp_path / "ckpt")
     disk = tmp_path / "disk"
     _tmpfs(disk, "64k")
     try:
         code = f"""
-            import sys
+            import os, sys
             sys.path.insert(0, {os.path.join(ROOT, "convert")!r})
             from flax_data2vec import publish
-            if {where == "while writing"}:  # let the write start, so that the disk fills up under Orbax
-                publish.check_free_space = lambda *a: None
             import pytorch_to_orbax
-            pytorch_to_orbax.exit_with(pytorch_to_orbax.main([{src!r}, {str(disk / "out")!r}]))
+            argv = [{src!r}, {str(disk / "out")!r}]
+            first = pytorch_to_orbax.main(argv)
+            left = os.listdir({str(disk)!r})
+            publish.check_free_space = lambda *a: None  # let the write start: the disk fills up under Orbax
+            pytorch_to_orbax.exit_with(first + pytorch_to_orbax.main(argv) + 10 * len(left))
         """
         proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                               env={**os.environ, "PYTHONPATH": ROOT}, timeout=300, check=False)
-        assert proc.returncode == 1, proc.stderr
-        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-        assert f"error: no space left on device {'for' if where == 'before writing' else 'while writing'} " \
-               f"{disk / 'out'}" in proc.stderr
+        assert proc.returncode == 2, proc.stderr  # both failed, and the first left nothing
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 2, proc.stderr
+        assert lines[0].startswith(f"error: no space left on device for {disk / 'out'}: it needs about ")
+        assert lines[1] == f"error: no space left on device while writing {disk / 'out'}; nothing was written"
         assert os.listdir(disk) == []  # no temp dir, no lock file, no half checkpoint
     finally:
         subprocess.run(["umount", str(disk)], check=False)
