@@ -379,6 +379,16 @@ def test_damaged_orbax_checkpoint_is_named(orbax_ckpt, damage, want):
     assert want in one_line(e) and path in str(e.value)
 
 
+def test_version_1_checkpoint_loads_with_a_warning(orbax_ckpt):
+    path, module, params = orbax_ckpt
+    marker = os.path.join(path, checkpoint.MARKER)
+    info = json.loads(Path(marker).read_text())
+    Path(marker).write_text(json.dumps({**{k: v for k, v in info.items() if k != "files"}, "format_version": 1}))
+    with pytest.warns(UserWarning, match="format_version 1.*no checksums"):
+        _, loaded = fd.load(path)
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda a, b: bool((a == b).all()), loaded, params))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # configs
 @pytest.mark.parametrize("change,want", [
