@@ -16,7 +16,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]  # run from a source checkout; `run` is shared with pytorch_to_orbax
 
-from pytorch_to_orbax import run  # noqa: E402
+from pytorch_to_orbax import exit_with, run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,4 +34,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 import warnings
 from collections.abc import Callable
 
@@ -20,19 +21,44 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 
 def run(convert: Callable[[], str], debug: bool = False) -> int:
-    """Run `convert`, print the directory it wrote; on failure print one line on stderr and return 1."""
-    if not debug:
-        logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax logs progress at INFO/WARNING
-    with warnings.catch_warnings():
+    """Run `convert`, print the directory it wrote; on failure print one line on stderr and return 1.
+
+    Without `debug`, stderr (file descriptor 2, where TensorStore's native threads also print) is held back
+    while converting: replayed on success, dropped on failure, where the one `error:` line says it all.
+    """
+    if debug:
+        print(convert())
+        return 0
+    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax logs progress at INFO/WARNING
+    with warnings.catch_warnings(), tempfile.TemporaryFile() as held:
         warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
+        sys.stderr.flush()
+        real_stderr = os.dup(2)
+        os.dup2(held.fileno(), 2)
         try:
-            print(convert())
-            return 0
+            directory = convert()
         except Exception as e:  # the CLI's contract: one clear line, no traceback
-            if debug:
-                raise
-            print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
+            sys.stderr.flush()
+            os.dup2(real_stderr, 2)
+            os.close(real_stderr)
+            print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr, flush=True)
             return 1
+        sys.stderr.flush()
+        os.dup2(real_stderr, 2)
+        os.close(real_stderr)
+        held.seek(0)
+        sys.stderr.buffer.write(held.read())
+        sys.stderr.flush()
+        print(directory)
+        return 0
+
+
+def exit_with(code: int) -> None:
+    """Exit; after a failure, tracebacks that native threads print late go to /dev/null, not after the error line."""
+    if code:
+        sys.stderr.flush()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,4 +80,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

@@ -9,6 +9,7 @@ from .audio_heads import (
     Data2VecAudioForXVector,
     feature_encoder_labels,
 )
+from .checks import checked, debug_checks
 from .config import Data2VecAudioConfig, Data2VecTextConfig
 from .data2vec2 import Data2Vec2AudioModel, Data2Vec2TextModel
 from .data2vec2_config import Data2Vec2AudioConfig, Data2Vec2TextConfig
@@ -42,7 +43,7 @@ __all__ = [
     "Data2VecTextModel", "Data2VecTextForCausalLM", "Data2VecTextForMaskedLM", "Data2VecTextForSequenceClassification",
     "Data2VecTextForMultipleChoice", "Data2VecTextForTokenClassification", "Data2VecTextForQuestionAnswering",
     "from_transformers", "to_transformers_state_dict", "init_params", "model_class", "feature_encoder_labels",
-    "load", "save", "pipeline", "embed",
+    "load", "save", "pipeline", "embed", "checked", "debug_checks",
     "Data2Vec2AudioConfig", "Data2Vec2TextConfig", "Data2Vec2AudioModel", "Data2Vec2AudioForCTC",
     "Data2Vec2AudioForSequenceClassification", "Data2Vec2TextModel", "Data2Vec2TextForMaskedLM",
     "Data2Vec2TextForSequenceClassification", "Data2Vec2TextForTokenClassification",

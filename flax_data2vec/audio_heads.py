@@ -9,30 +9,25 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import traverse_util
 
 from .audio import Data2VecAudioModel, conv_output_lengths, feature_attention_mask
 from .base import ModelOptions
+from .checks import check_ids
 from .ctc import ctc_loss
 from .layers import weighted_layer_sum
-from .losses import cross_entropy
+from .losses import IGNORE_INDEX, cross_entropy
 from .outputs import HeadOutput, XVectorOutput
 
 Array = jax.Array
 
 
-def _is_concrete(x) -> bool:
-    return x is not None and not isinstance(x, jax.core.Tracer)
-
-
 def _check_labels(labels, shape: tuple, name: str, upper: int | None = None) -> None:
+    """Shape always; values in [0, upper) or -100 (padding / ignored) eagerly, and under `checks.checked`."""
     if tuple(labels.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(labels.shape)}")
-    if upper is not None and _is_concrete(labels) and labels.size:
-        top = int(np.max(np.asarray(labels)))  # numpy: a jnp op here would be traced inside an enclosing jit
-        if top >= upper:
-            raise ValueError(f"{name} values must be < {upper}, got max {top}")
+    if upper is not None:
+        check_ids(name, labels, upper, ignore=IGNORE_INDEX)
 
 
 class _AudioHead(ModelOptions):

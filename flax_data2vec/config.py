@@ -13,6 +13,64 @@ import math
 import os
 from typing import Any, ClassVar, Mapping
 
+MAX_VOCAB = 2**24  # larger than any real vocabulary; guards against e.g. 10**12 before anything is allocated
+MAX_SIZE = 2**20  # widths, depths, kernels, positions
+_POSITIVE = frozenset({
+    "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size", "type_vocab_size",
+    "max_position_embeddings", "num_conv_pos_embedding_groups", "conv_pos_kernel_size", "num_conv_pos_embeddings",
+    "mask_time_length", "mask_feature_length", "classifier_proj_size", "xvector_output_dim", "adapter_kernel_size",
+    "adapter_stride", "num_adapter_layers", "output_hidden_size", "conv_dim", "conv_stride", "conv_kernel",
+    "tdnn_dim", "tdnn_kernel", "tdnn_dilation"})
+_PROBABILITIES = frozenset({
+    "hidden_dropout", "activation_dropout", "attention_dropout", "feat_proj_dropout", "final_dropout", "layerdrop",
+    "mask_time_prob", "mask_feature_prob", "hidden_dropout_prob", "attention_probs_dropout_prob",
+    "classifier_dropout"})
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_field(name: str, annotation: str, value: Any) -> None:
+    """TypeError/ValueError naming the field when `value` is not of its declared type and range."""
+    if value is None and annotation.endswith("| None"):
+        return
+    base = annotation.replace(" | None", "")
+    shown = f"{value!r} ({type(value).__name__})"
+    if base == "bool" and not isinstance(value, bool):
+        raise TypeError(f"{name} must be true or false, got {shown}")
+    if base == "str" and not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, got {shown}")
+    if base == "float":
+        if not _is_real(value):
+            raise TypeError(f"{name} must be a finite number, got {shown}")
+        if name in _PROBABILITIES and not 0 <= value <= 1:
+            raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
+        if name == "layer_norm_eps" and not value > 0:
+            raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+        if name == "initializer_range" and value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value!r}")
+    if base.startswith("tuple[") and base.endswith(", ...]"):
+        item = base[len("tuple["):-len(", ...]")]
+        if not isinstance(value, tuple) or not value:
+            raise TypeError(f"{name} must be a non-empty list of {item}, got {shown}")
+        for i, v in enumerate(value):
+            _check_field(f"{name}[{i}]", item, v)
+        return
+    if base == "int":
+        if not _is_int(value):
+            raise TypeError(f"{name} must be an integer, got {shown}")
+        limit = MAX_VOCAB if name.split("[")[0] in ("vocab_size", "type_vocab_size") else MAX_SIZE
+        if name.split("[")[0] in _POSITIVE and not 0 < value <= limit:
+            raise ValueError(f"{name} must be a positive integer <= {limit}, got {value}")
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+
+
 # Keys transformers adds to every config.json that carry no architecture information.
 _BOOKKEEPING_KEYS = frozenset(
     {"transformers_version", "_name_or_path", "return_dict", "output_attentions", "output_hidden_states",
@@ -27,6 +85,18 @@ def _freeze(value: Any) -> Any:
         return tuple(_freeze(v) for v in value)
     if isinstance(value, dict):
         return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    return value
+
+
+def _class_id(key: Any) -> int:
+    try:
+        if isinstance(key, bool) or not (_is_int(key) or isinstance(key, str)):
+            raise ValueError
+        value = int(key)
+    except ValueError:
+        raise ValueError(f"id2label keys must be integer class ids, got {key!r}") from None
+    if value < 0:
+        raise ValueError(f"id2label keys must be >= 0, got {value}")
     return value
 
 
@@ -45,12 +115,14 @@ class _Config:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name == "id2label" and isinstance(value, Mapping):
-                value = tuple(sorted((int(k), str(v)) for k, v in value.items()))
+                value = tuple(sorted((_class_id(k), str(v)) for k, v in value.items()))
             elif f.name == "extra" and isinstance(value, Mapping):
                 value = tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in value.items()))
             else:
                 value = _freeze(value)
             object.__setattr__(self, f.name, value)
+            if f.name not in ("id2label", "extra"):
+                _check_field(f.name, f.type, value)
         if self.problem_type not in (None, "regression", "single_label_classification",
                                      "multi_label_classification"):
             raise ValueError(f"problem_type must be regression, single_label_classification or "
@@ -61,9 +133,6 @@ class _Config:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by "
                              f"num_attention_heads ({self.num_attention_heads})")
-        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.hidden_act != "gelu":
             raise ValueError(f"hidden_act: only 'gelu' (exact erf GELU, as in the checkpoints) is supported, "
                              f"got {self.hidden_act!r}")
@@ -92,12 +161,17 @@ class _Config:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], **overrides) -> "_Config":
         """Build from a transformers config dict; unknown keys go to `extra`, never an error."""
+        if not isinstance(d, Mapping):
+            raise TypeError(f"a config must be a JSON object of fields, got a {type(d).__name__}")
         d = dict(d)
         d.update(overrides)
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs, extra = {}, {}
         if "num_labels" in d and "id2label" not in d:
-            d["id2label"] = {i: f"LABEL_{i}" for i in range(int(d["num_labels"]))}
+            n = d["num_labels"]
+            if not _is_int(n) or not 0 < n <= MAX_VOCAB:
+                raise ValueError(f"num_labels must be a positive integer <= {MAX_VOCAB}, got {n!r}")
+            d["id2label"] = {i: f"LABEL_{i}" for i in range(n)}
         for key, value in d.items():
             if key in names and key != "extra":
                 kwargs[key] = value
@@ -136,8 +210,11 @@ class _Config:
             path = os.path.join(path, "config.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no config.json at {path}")
-        with open(path) as f:
-            return cls.from_dict(json.load(f), **overrides)
+        try:
+            with open(path) as f:
+                return cls.from_dict(json.load(f), **overrides)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{path}: {e}") from e
 
 
 @dataclasses.dataclass(frozen=True)

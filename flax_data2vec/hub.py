@@ -10,16 +10,18 @@
 
 Conversion cache: the first load of a PyTorch-format checkpoint writes an Orbax checkpoint (config.json
 beside it) under `$FLAX_DATA2VEC_CACHE` (default `~/.cache/flax_data2vec`), keyed by the source (repo id +
-commit hash, or local path + weight-file mtime and size) and the class loaded. Later loads read that and never
-import torch. Entries are written to `<entry>.tmp-<pid>` and renamed into place, with a marker file written
-last (`checkpoint.atomic_directory`), so an interrupted conversion is redone, never half-read. Delete the
-folder to clear the cache.
+commit hash, or the SHA-256 of a local directory's config.json and weight files, remembered by file identity
+in `.digests/`) and the class loaded. Later loads read that and never import torch. One process converts
+while others wanting the same entry wait on its lock file (`.locks/<entry>.lock`); entries are published whole
+(`publish.atomic_directory`) with a marker listing every file's checksum, checked on each load; an entry that
+fails the check is converted again. Delete the folder to clear the cache.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import os
@@ -32,8 +34,10 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from . import checkpoint, registry
+from . import checkpoint, integrity, publish, registry
 from .checkpoint import save  # noqa: F401 - re-exported as flax_data2vec.save
+from .integrity import CheckpointError
+from .weight_files import read_state_dict, tensor_bytes_cap
 from .weights import from_state_dict, merge_encoder, scan_params
 
 SHORT_NAMES: dict[str, str] = {name: f"facebook/{name}" for name in (
@@ -49,10 +53,6 @@ BASE_CLASSES = {"data2vec-audio": "Data2VecAudioModel", "data2vec-text": "Data2V
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read, or whose weights do not fit its config or the requested class."""
-
-
 def cache_dir() -> str:
     """Where converted checkpoints are kept: `$FLAX_DATA2VEC_CACHE`, else `~/.cache/flax_data2vec`."""
     return os.path.expanduser(os.environ.get(CACHE_ENV) or os.path.join("~", ".cache", "flax_data2vec"))
@@ -63,10 +63,15 @@ class Source:
     """A resolved checkpoint: its local config directory, how to get its weight files, and its identity."""
 
     label: str  # what the user asked for, for messages
-    kind: str  # "orbax" or "transformers"
+    kind: str  # "orbax", "transformers", or "training" (an interrupted run's latest checkpoint)
     directory: str  # local directory holding config.json
-    key: str = ""  # changes whenever the weights change (cache key)
+    identify: Callable[[], str] | None = None  # -> a key that changes whenever the weights change (cache key)
     fetch: Callable[[], list[str]] | None = None  # -> local weight-file paths, downloading them if needed
+
+    @functools.cached_property
+    def key(self) -> str:
+        """Computed on first use only: for a local directory it hashes the files (once per file identity)."""
+        return self.identify() if self.identify else ""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -101,6 +106,9 @@ def _local_source(path: str) -> Source:
     path = training_output_model(path)
     if checkpoint.is_checkpoint(path):
         return Source(path, "orbax", path)
+    step = checkpoint.latest_training_step(path)
+    if step is not None:
+        return Source(path, "training", step)
     config = os.path.join(path, "config.json")
     if os.path.isdir(os.path.join(path, "params")):
         raise FileNotFoundError(f"{path} is an incomplete flax_data2vec checkpoint (no {checkpoint.MARKER}); "
@@ -109,16 +117,24 @@ def _local_source(path: str) -> Source:
         raise FileNotFoundError(f"{path} has no config.json: it is neither a transformers nor a flax_data2vec "
                                 "checkpoint")
     files = local_weight_files(path)
-    stats = [(os.path.relpath(f, path), os.stat(f).st_mtime_ns, os.stat(f).st_size) for f in [config, *files]]
-    return Source(path, "transformers", path, key=json.dumps(["local", path, stats]), fetch=lambda: files)
+
+    def identify() -> str:
+        memo = os.path.join(cache_dir(), ".digests")
+        return json.dumps(["local", [(os.path.relpath(f, path), integrity.content_digest(f, memo))
+                                     for f in [config, *files]]])
+    return Source(path, "transformers", path, identify, fetch=lambda: files)
 
 
 def _index_shards(index_path: str) -> list[str]:
+    """The shard file names an index lists, each refused unless it stays inside the index's directory."""
     try:
         with open(index_path) as f:
-            return sorted(set(json.load(f)["weight_map"].values()))
-    except (ValueError, KeyError, AttributeError) as e:
-        raise CheckpointError(f"cannot read the shard index {index_path}: {e!r}") from e
+            weight_map = json.load(f)["weight_map"]
+        names = set(weight_map.values())
+    except (ValueError, KeyError, AttributeError, TypeError) as e:
+        raise CheckpointError(f"cannot read the shard index {index_path}: expected an object with a `weight_map` "
+                              f"of tensor name -> shard file ({e!r})") from e
+    return sorted(integrity.safe_relative_path(n, index_path) for n in names)
 
 
 def local_weight_files(directory: str) -> list[str]:
@@ -158,64 +174,25 @@ def _hub_source(repo_id: str, revision: str | None, label: str | None = None) ->
                 path = hf_hub_download(repo_id, fname, revision=commit)
             except EntryNotFoundError:
                 continue
-            if not fname.endswith(".index.json"):
-                return [path]
-            return [hf_hub_download(repo_id, shard, revision=commit) for shard in _index_shards(path)]
+            files = [path] if not fname.endswith(".index.json") else [
+                hf_hub_download(repo_id, shard, revision=commit) for shard in _index_shards(path)]
+            for f in files:
+                integrity.check_hub_blob(f)
+            return files
         raise FileNotFoundError(f"hub repo {repo_id} ({commit}) has no weights: looked for {', '.join(WEIGHT_FILES)}")
-    return Source(label or repo_id, "transformers", directory, key=json.dumps(["hub", repo_id, commit]), fetch=fetch)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# reading weight files
-def read_state_dict(files: list[str]) -> dict[str, np.ndarray]:
-    """{name: numpy array} from safetensors (no torch) or PyTorch pickles (torch, weights_only)."""
-    out: dict[str, np.ndarray] = {}
-    for path in files:
-        out.update(_read_safetensors(path) if path.endswith(".safetensors") else _read_torch(path))
-    return out
-
-
-def _corrupt(path: str, e: Exception) -> CheckpointError:
-    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return CheckpointError(f"cannot read {path}: it is corrupted or truncated ({reason}); delete it and fetch it again")
-
-
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-    import safetensors.numpy
-    try:
-        return safetensors.numpy.load_file(path)
-    except TypeError:  # bfloat16 has no plain numpy dtype: read through jax (ml_dtypes) on the host
-        import safetensors.flax
-        try:
-            with jax.default_device(jax.devices("cpu")[0]):
-                return {k: np.asarray(v) for k, v in safetensors.flax.load_file(path).items()}
-        except Exception as e:
-            raise _corrupt(path, e) from e
-    except Exception as e:  # SafetensorError, OSError, ...
-        raise _corrupt(path, e) from e
-
-
-def _read_torch(path: str) -> dict[str, np.ndarray]:
-    try:
-        import torch
-    except ImportError as e:
-        raise ImportError(f"{path} is a PyTorch pickle and reading it needs torch: `pip install torch` (CPU build: "
-                          "`pip install torch --index-url https://download.pytorch.org/whl/cpu`), or convert the "
-                          "checkpoint to safetensors") from e
-    try:
-        state_dict = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as e:
-        raise _corrupt(path, e) from e
-    return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in state_dict.items()}
+    return Source(label or repo_id, "transformers", directory, lambda: json.dumps(["hub", repo_id, commit]), fetch)
 
 
 def read_config(directory: str) -> dict:
     path = os.path.join(directory, "config.json")
     try:
         with open(path) as f:
-            return json.load(f)
+            config = json.load(f)
     except ValueError as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(config).__name__}, expected an object of config fields")
+    return config
 
 
 def choose_architecture(config: dict, requested: str | None, label: str) -> str:
@@ -311,27 +288,47 @@ def _convert(source: Source, name: str, options: dict) -> tuple[Any, dict, dict]
     try:
         config = registry.config_class(name).from_dict(read_config(source.directory))
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{source.label}: config.json: {e}") from e
+        raise CheckpointError(f"{os.path.join(source.label, 'config.json')}: {e}") from e
     module = registry.model_class(name)(config=config.replace(architectures=(name,)), **options)
-    params, info = params_for(module, read_state_dict(source.fetch()), source.label)
+    state_dict = read_state_dict(source.fetch(), tensor_bytes_cap(module))
+    integrity.check_finite_arrays(state_dict, source.label)
+    params, info = params_for(module, state_dict, source.label)
     return module, params, info
 
 
 def _cache_entry(source: Source, name: str, options: dict, convert: Callable = _convert) -> str:
-    """The converted Orbax checkpoint of (source, class), converting on first use with `convert`."""
+    """The converted Orbax checkpoint of (source, class), converting on first use with `convert`.
+
+    Holding `.locks/<entry>.lock` while converting makes one process (of a pod sharing the cache, or of one host)
+    convert and the others wait, then read what it published.
+    """
     digest = hashlib.sha256(json.dumps([source.key, name, options], sort_keys=True, default=str).encode())
     slug = re.sub(r"[^A-Za-z0-9._-]+", "--", source.label.strip("/"))[-48:]
     entry = os.path.join(cache_dir(), f"{slug}--{name}-{digest.hexdigest()[:16]}")
-    if checkpoint.is_checkpoint(entry):
+    if _usable(entry):
         return entry
-    module, params, info = convert(source, name, options)
-    try:
-        checkpoint.save(entry, module, params, overwrite=os.path.lexists(entry) and not checkpoint.is_checkpoint(entry),
+    with publish.exclusive(os.path.join(cache_dir(), ".locks", os.path.basename(entry) + ".lock")):
+        if _usable(entry):  # converted by whoever held the lock before
+            return entry
+        module, params, info = convert(source, name, options)
+        checkpoint.save(entry, module, params, overwrite=os.path.lexists(entry),
                         metadata={"source": source.key, **info})
-    except FileExistsError:
-        if not checkpoint.is_checkpoint(entry):  # someone else finished first; anything else is an error
-            raise
     return entry
+
+
+def _usable(entry: str) -> bool:
+    """A complete cache entry of this version: a valid marker whose files are all there at their sizes."""
+    if not checkpoint.is_checkpoint(entry):
+        return False
+    try:
+        info = checkpoint.read_metadata(entry)
+        if info["format_version"] != checkpoint.FORMAT_VERSION:
+            return False
+        checkpoint.check_files(entry, verify=False)
+        return True
+    except (OSError, ValueError) as e:
+        warnings.warn(f"cache entry {entry} is damaged and is converted again: {e}", stacklevel=4)
+        return False
 
 
 def load(name_or_path: str | os.PathLike, architecture: str | None = None, dtype=None, param_dtype=None,
@@ -352,6 +349,12 @@ def load(name_or_path: str | os.PathLike, architecture: str | None = None, dtype
         from . import fairseq
         return fairseq.load(name_or_path, architecture, dtype, param_dtype, sharding, rng=rng, **module_options)
     source = resolve(name_or_path, revision)
+    if source.kind == "training":
+        if architecture not in (None, _training_architecture(source)):
+            raise ValueError(f"{source.label} is an interrupted training run: it loads only as the class it trained")
+        warnings.warn(f"{source.label} has no final model yet (no {os.path.join(source.label, 'model')}): loading "
+                      f"the params of its latest training checkpoint, {source.directory}", stacklevel=2)
+        return checkpoint.restore_training(source.directory, dtype, param_dtype, sharding, **module_options)
     if source.kind == "orbax":
         stored = checkpoint.read_metadata(source.directory)["architecture"]
         if architecture in (None, stored):
@@ -367,10 +370,21 @@ def load_entry(entry: str, label: str, dtype, param_dtype, sharding, rng, module
     """(module, params) from a conversion-cache entry: restore, initialise new head params, warn what changed."""
     info = checkpoint.read_metadata(entry)
     module = checkpoint.build_module(entry, dtype, param_dtype, **module_options)
-    params = checkpoint.restore_params(entry, module, sharding)
+    try:
+        params = checkpoint.restore_params(entry, module, sharding)
+    except integrity.IntegrityError as e:  # damaged since it was written: the source is at hand, convert again
+        warnings.warn(f"cache entry {entry} failed its check and is converted again: {e}", stacklevel=2)
+        publish.remove_tree(os.path.join(entry, checkpoint.MARKER))
+        entry = _cache_entry(source, name, options)
+        params = checkpoint.restore_params(entry, module, sharding)
     params = checkpoint.init_new(module, params, info["new_paths"], rng, sharding)
     _warn(info["architecture"], label, info)
     return module, (scan_params(params) if module.scan_layers else params)
+
+
+def _training_architecture(source: Source) -> str | None:
+    with open(os.path.join(source.directory, "meta", "metadata")) as f:
+        return json.load(f).get("identity", {}).get("architecture")
 
 
 def _orbax_as(source: Source, name: str, dtype, param_dtype, sharding, rng, module_options) -> tuple[Any, dict]:
@@ -408,7 +422,7 @@ def convert_to_orbax(src: str, dst: str, architecture: str | None = None, overwr
     module, params, info = _convert(source, name, {})
     _warn(name, source.label, info)
     params = checkpoint.init_new(module, params, info["new_paths"], rng, checkpoint.host_sharding())
-    return checkpoint.save(dst, module, params, overwrite, metadata={"source": source.key})
+    return checkpoint.save(dst, module, params, overwrite, metadata={"source": source.directory})
 
 
 def save_transformers(directory: str, module, params, overwrite: bool = False) -> str:
@@ -422,10 +436,13 @@ def save_transformers(directory: str, module, params, overwrite: bool = False) -
         state_dict.pop(key, None)
     # numpy-safetensors has no bfloat16: such params (param_dtype=bfloat16) are written as float32
     state_dict = {k: (v.astype(np.float32) if v.dtype.name == "bfloat16" else v) for k, v in state_dict.items()}
+    integrity.check_finite_arrays(state_dict, f"refusing to write {os.path.abspath(directory)}")
+    digest = integrity.tensors_digest(state_dict)
     import safetensors.numpy
     with checkpoint.atomic_directory(directory, overwrite) as tmp:
         module.config.replace(architectures=(name,)).to_json_file(os.path.join(tmp, "config.json"))
-        safetensors.numpy.save_file(state_dict, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        safetensors.numpy.save_file(state_dict, os.path.join(tmp, "model.safetensors"),
+                                    metadata={"format": "pt", integrity.TENSORS_DIGEST_KEY: digest})
     return os.path.abspath(directory)
 
 
@@ -434,6 +451,8 @@ def convert_to_transformers(src: str, dst: str, overwrite: bool = False) -> str:
     if os.path.lexists(dst) and not overwrite:
         raise FileExistsError(f"{os.path.abspath(dst)} already exists; pass --overwrite to replace it")
     src = training_output_model(os.fspath(src))
+    if not os.path.lexists(src):
+        raise FileNotFoundError(f"{os.path.abspath(src)} does not exist")
     if not checkpoint.is_checkpoint(src):
         raise FileNotFoundError(f"{os.path.abspath(src)} is not a flax_data2vec Orbax checkpoint "
                                 f"(no {checkpoint.MARKER})")

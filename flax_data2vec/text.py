@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .base import ConfigModule, ModelOptions
+from .checks import check_ids
 from .config import Data2VecTextConfig
 from .layers import TransformerStack, dense, layer_norm, mask_to_bias_mask
 from .outputs import BaseModelOutput
@@ -120,6 +121,8 @@ def check_text_inputs(config: Data2VecTextConfig, input_ids, attention_mask=None
             lo, hi = int(value.min()), int(value.max())
             if lo < 0 or hi >= limit:
                 raise ValueError(f"{arg} must lie in [0, {limit}), got values in [{lo}, {hi}]")
+        elif value is not None:
+            check_ids(arg, value, limit)  # traced: a checkify check under `checks.checked`, else nothing
 
 
 class Data2VecTextModel(ModelOptions):

@@ -16,6 +16,7 @@ import numpy as np
 
 from . import losses
 from .base import ModelOptions
+from .checks import check_ids
 from .config import Data2VecTextConfig
 from .layers import dense, gelu, layer_norm
 from .outputs import HeadOutput, QuestionAnsweringOutput
@@ -42,15 +43,7 @@ def _check_class_ids(name: str, labels, num_classes: int, ignore_index: int | No
         return
     if not jnp.issubdtype(_dtype(labels), jnp.integer):
         raise TypeError(f"{name} must be integer class ids, got dtype {_dtype(labels)}")
-    if isinstance(labels, jax.core.Tracer) or not np.size(labels):
-        return
-    values = np.asarray(labels)
-    bad = (values < 0) | (values >= num_classes)
-    if ignore_index is not None:
-        bad &= values != ignore_index
-    if bad.any():
-        raise ValueError(f"{name} must lie in [0, {num_classes}) or be {ignore_index} (ignored), "
-                         f"got {int(values[bad].reshape(-1)[0])}")
+    check_ids(name, labels, num_classes, ignore_index)
 
 
 def _f32(x: Array) -> Array:

@@ -128,15 +128,15 @@ def from_state_dict(state_dict: Mapping[str, np.ndarray], init_params: Mapping, 
             out[path] = init
             continue
         value = np.asarray(state_dict[name])
+        expected = tuple(_expected_torch_shape(path, init, table))
+        if value.shape != expected:
+            raise ValueError(f"shape mismatch for {name}: checkpoint has {tuple(value.shape)}, "
+                             f"the config expects {expected} (flax {path} {tuple(init.shape)})")
         special = _special(path, table)
         if special is not None:
             value = special.from_torch(value, tuple(init.shape))
         else:
             value = _leaf_from_torch(path.rpartition("/")[2], value)
-        if tuple(value.shape) != tuple(init.shape):
-            raise ValueError(f"shape mismatch for {name}: checkpoint has {tuple(np.shape(state_dict[name]))}, "
-                             f"the config expects {tuple(_expected_torch_shape(path, init, table))} "
-                             f"(flax {path} {tuple(init.shape)})")
         out[path] = value.astype(init.dtype)
         consumed.add(name)
     ignored = set(table.tied) | set(table.ignored_torch)
@@ -147,10 +147,12 @@ def from_state_dict(state_dict: Mapping[str, np.ndarray], init_params: Mapping, 
 
 
 def _expected_torch_shape(path: str, init, table: WeightTable) -> tuple:
+    """The state-dict shape of a flax leaf, from a zero-stride view: nothing of the param's size is allocated."""
+    view = np.broadcast_to(np.zeros((), np.float32), tuple(init.shape))
     special = _special(path, table)
     if special is not None:
-        return special.to_torch(np.zeros(init.shape, np.float32)).shape
-    return _leaf_to_torch(path.rpartition("/")[2], np.zeros(init.shape, np.float32))[1].shape
+        return special.to_torch(view).shape
+    return _leaf_to_torch(path.rpartition("/")[2], view)[1].shape
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from test_hub import (
 )
 
 import flax_data2vec as fd
-from flax_data2vec import checkpoint, hub, registry
+from flax_data2vec import checkpoint, hub, publish, registry
 
 AUTO = {
     "Data2VecAudioModel": "AutoModel", "Data2VecAudioForCTC": "AutoModelForCTC",
@@ -154,7 +155,7 @@ def test_cli_failures_print_one_line(tmp_path, case):
         src = save_torch(tiny_torch_model("Data2VecAudioModel"), tmp_path / "hf")
         proc, want = cli("orbax_to_pytorch", src, dst), f"error: {src} is not a flax_data2vec Orbax checkpoint"
     else:
-        proc, want = cli("orbax_to_pytorch", tmp_path / "nowhere", dst), "is not a flax_data2vec Orbax checkpoint"
+        proc, want = cli("orbax_to_pytorch", tmp_path / "nowhere", dst), f"error: {tmp_path / 'nowhere'} does not exist"
     assert proc.returncode == 1
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert want in proc.stderr, proc.stderr
@@ -179,11 +180,15 @@ def test_checkpoint_directory_writes_are_atomic(tmp_path):
         Path(tmp, "half").write_text("x")
         raise RuntimeError("killed")
     assert os.listdir(tmp_path) == []
-    os.makedirs(tmp_path / "out.tmp-999999999")
+    os.makedirs(tmp_path / "out.tmp-999999999")  # a dead writer's (old-style name), dead long enough
+    long_ago = time.time() - 2 * publish.STALE_AFTER_S
+    os.utime(tmp_path / "out.tmp-999999999", (long_ago, long_ago))
     with checkpoint.atomic_directory(dst) as tmp:
         Path(tmp, "whole").write_text("x")
     assert sorted(os.listdir(tmp_path)) == ["out"] and os.listdir(dst) == ["whole"]
     # killed between moving the old `out` aside and moving the new one in: the old one comes back
     os.replace(dst, tmp_path / "out.old-999999999")
+    os.utime(tmp_path / "out.old-999999999", (long_ago, long_ago))
+    os.utime(tmp_path / "out.old-999999999" / "whole", (long_ago, long_ago))
     checkpoint.remove_stale_writes(dst)
     assert sorted(os.listdir(tmp_path)) == ["out"] and os.listdir(dst) == ["whole"]

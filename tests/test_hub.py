@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import jax
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 import flax_data2vec as fd
-from flax_data2vec import checkpoint, hub
+from flax_data2vec import checkpoint, hub, publish
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from conftest import AUDIO, TEXT, tiny_torch_model  # noqa: E402,F401  (used by test_convert too)
@@ -66,7 +67,9 @@ def assert_same_outputs(tmodel, module, params, tol=1e-4):
 
 
 def cache_entries() -> list[str]:
-    return sorted(os.listdir(hub.cache_dir())) if os.path.isdir(hub.cache_dir()) else []
+    """The cache's entries (and temp dirs), not its `.locks` and `.digests` bookkeeping."""
+    names = os.listdir(hub.cache_dir()) if os.path.isdir(hub.cache_dir()) else []
+    return sorted(n for n in names if not n.startswith("."))
 
 
 @pytest.fixture(autouse=True)
@@ -329,8 +332,12 @@ def test_interrupted_conversion_leaves_nothing_usable(tmp_path, monkeypatch):
     fd.load(path)
     (entry,) = cache_entries()
     entry = os.path.join(hub.cache_dir(), entry)
-    # a writer killed outright leaves <entry>.tmp-<pid>; an entry without its marker is not complete
-    os.makedirs(entry + ".tmp-999999999/params")
+    # a writer killed outright long ago leaves <entry>.tmp-<token>; an entry without its marker is not complete
+    dead = entry + ".tmp-otherhost-4242-0badc0de"
+    os.makedirs(dead + "/params")
+    long_ago = time.time() - 2 * publish.STALE_AFTER_S
+    for p in (dead + "/params", dead):
+        os.utime(p, (long_ago, long_ago))
     os.remove(os.path.join(entry, checkpoint.MARKER))
     module, params = fd.load(path)
     assert_same_outputs(tmodel, module, params)
