@@ -289,8 +289,9 @@ def load(path: str | os.PathLike, architecture: str | None = None, dtype=None, p
     path = os.path.abspath(os.fspath(path))
     source = _source(path, weights)
     options = {k: v for k, v in module_options.items() if k not in checkpoint.SPEED_OPTIONS}
-    entry = hub._cache_entry(source, architecture or "natural", options,
-                             convert=lambda *_: convert(path, architecture, weights))
+    def entry():
+        return hub.cache_entry(source, architecture or "natural", options,
+                               convert=lambda *_: convert(path, architecture, weights))
     return hub.load_entry(entry, path, dtype, param_dtype, sharding, rng, module_options)
 
 
@@ -302,7 +303,7 @@ def convert_to_orbax(src: str, dst: str, architecture: str | None = None, weight
     path = os.path.abspath(src)
     source = _source(path, weights)
     module, params, info = convert(path, architecture, weights)
-    hub._warn(type(module).__name__, path, info)
+    hub.warn_changes(type(module).__name__, path, info)
     params = checkpoint.init_new(module, params, info["new_paths"], rng, checkpoint.host_sharding())
     return checkpoint.save(dst, module, params, overwrite, metadata={"source": source.key})
 

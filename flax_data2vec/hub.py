@@ -274,7 +274,7 @@ def params_for(module, state_dict: dict, label: str = "the checkpoint") -> tuple
     return traverse_util.unflatten_dict(flat, sep="/"), info
 
 
-def _warn(name: str, label: str, info: dict) -> None:
+def warn_changes(name: str, label: str, info: dict) -> None:
     if info["new"]:
         warnings.warn(f"{name}: {len(info['new'])} parameters are not in {label} and were newly initialised: "
                       f"{_listing(info['new'])}", stacklevel=3)
@@ -296,7 +296,7 @@ def _convert(source: Source, name: str, options: dict) -> tuple[Any, dict, dict]
     return module, params, info
 
 
-def _cache_entry(source: Source, name: str, options: dict, convert: Callable = _convert) -> str:
+def cache_entry(source: Source, name: str, options: dict, convert: Callable = _convert) -> str:
     """The converted Orbax checkpoint of (source, class), converting on first use with `convert`.
 
     Holding `.locks/<entry>.lock` while converting makes one process (of a pod sharing the cache, or of one host)
@@ -362,12 +362,15 @@ def load(name_or_path: str | os.PathLike, architecture: str | None = None, dtype
         return _orbax_as(source, architecture, dtype, param_dtype, sharding, rng, module_options)
     name = choose_architecture(read_config(source.directory), architecture, source.label)
     options = {k: v for k, v in module_options.items() if k not in checkpoint.SPEED_OPTIONS}
-    return load_entry(_cache_entry(source, name, options), source.label, dtype, param_dtype, sharding, rng,
+    return load_entry(lambda: cache_entry(source, name, options), source.label, dtype, param_dtype, sharding, rng,
                       module_options)
 
 
-def load_entry(entry: str, label: str, dtype, param_dtype, sharding, rng, module_options: dict) -> tuple[Any, dict]:
-    """(module, params) from a conversion-cache entry: restore, initialise new head params, warn what changed."""
+def load_entry(make_entry: Callable[[], str], label: str, dtype, param_dtype, sharding, rng,
+               module_options: dict) -> tuple[Any, dict]:
+    """(module, params) from a conversion-cache entry (`make_entry` finds or converts it): restore, initialise new
+    head params, warn what changed. An entry damaged since it was written is converted again."""
+    entry = make_entry()
     info = checkpoint.read_metadata(entry)
     module = checkpoint.build_module(entry, dtype, param_dtype, **module_options)
     try:
@@ -375,10 +378,10 @@ def load_entry(entry: str, label: str, dtype, param_dtype, sharding, rng, module
     except integrity.IntegrityError as e:  # damaged since it was written: the source is at hand, convert again
         warnings.warn(f"cache entry {entry} failed its check and is converted again: {e}", stacklevel=2)
         publish.remove_tree(os.path.join(entry, checkpoint.MARKER))
-        entry = _cache_entry(source, name, options)
+        entry = make_entry()
         params = checkpoint.restore_params(entry, module, sharding)
     params = checkpoint.init_new(module, params, info["new_paths"], rng, sharding)
-    _warn(info["architecture"], label, info)
+    warn_changes(info["architecture"], label, info)
     return module, (scan_params(params) if module.scan_layers else params)
 
 
@@ -402,7 +405,7 @@ def _orbax_as(source: Source, name: str, dtype, param_dtype, sharding, rng, modu
         raise CheckpointError(f"{source.label} does not fit {name}: {e}") from e
     flat = traverse_util.flatten_dict(merged, sep="/")
     flat = {p: (np.zeros(v.shape, v.dtype) if isinstance(v, jax.ShapeDtypeStruct) else v) for p, v in flat.items()}
-    _warn(name, source.label, {"new": report.new, "dropped": report.dropped})
+    warn_changes(name, source.label, {"new": report.new, "dropped": report.dropped})
     params = checkpoint.put(traverse_util.unflatten_dict(flat, sep="/"), module, sharding)
     params = checkpoint.init_new(module, params, report.new, rng, sharding)
     return module, (scan_params(params) if module.scan_layers else params)
@@ -420,7 +423,7 @@ def convert_to_orbax(src: str, dst: str, architecture: str | None = None, overwr
         raise ValueError(f"{source.directory} is already a flax_data2vec Orbax checkpoint")
     name = choose_architecture(read_config(source.directory), architecture, source.label)
     module, params, info = _convert(source, name, {})
-    _warn(name, source.label, info)
+    warn_changes(name, source.label, info)
     params = checkpoint.init_new(module, params, info["new_paths"], rng, checkpoint.host_sharding())
     return checkpoint.save(dst, module, params, overwrite, metadata={"source": source.directory})
 

@@ -283,11 +283,12 @@ class Trainer:
         module, params = self.task.export(jax.device_get(self.host_state().params))
         directory = os.path.join(self.cfg.output_dir, "model")
         if self.is_main:
-            save_model(directory, module, params, overwrite=True)
-            self.task.save_assets(directory)
-            # pipelines: model.safetensors + processor files, so transformers.pipeline reads this directory too
             from ..processors import complete_export
-            complete_export(directory, module, params)
+
+            def assets(tmp: str) -> None:  # inside the checksummed, atomically published directory
+                self.task.save_assets(tmp)  # tokenizer / vocabulary
+                complete_export(tmp, module, params)  # model.safetensors + processor files for transformers
+            save_model(directory, module, params, overwrite=True, assets=assets)
             self._print(f"final model written to {directory} (flax_data2vec.load({self.cfg.output_dir!r}))")
         return directory
 
