@@ -8,6 +8,7 @@ from ..config import TrainConfig
 from ..task import Task
 from .audio import make_audio_classification, make_ctc
 from .pretrain import make_pretrain_audio, make_pretrain_text
+from .question_answering import make_question_answering
 from .text import make_mlm, make_text_classification
 from .token_classification import make_token_classification
 
@@ -16,6 +17,7 @@ TASKS: dict[str, Callable[..., Task]] = {
     "audio-classification": make_audio_classification,
     "text-classification": make_text_classification,
     "token-classification": make_token_classification,
+    "question-answering": make_question_answering,
     "mlm": make_mlm,
     "pretrain-audio": make_pretrain_audio,
     "pretrain-text": make_pretrain_text,
