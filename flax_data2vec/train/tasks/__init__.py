@@ -7,6 +7,7 @@ from collections.abc import Callable
 from ..config import TrainConfig
 from ..task import Task
 from .audio import make_audio_classification, make_ctc
+from .frame_classification import make_audio_frame_classification
 from .pretrain import make_pretrain_audio, make_pretrain_text
 from .question_answering import make_question_answering
 from .text import make_mlm, make_text_classification
@@ -15,6 +16,7 @@ from .token_classification import make_token_classification
 TASKS: dict[str, Callable[..., Task]] = {
     "ctc": make_ctc,
     "audio-classification": make_audio_classification,
+    "audio-frame-classification": make_audio_frame_classification,
     "text-classification": make_text_classification,
     "token-classification": make_token_classification,
     "question-answering": make_question_answering,

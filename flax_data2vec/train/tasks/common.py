@@ -137,6 +137,11 @@ def tokenizer_changes(cfg: TrainConfig, tokenizer) -> dict:
 
 
 # ----------------------------------------------------------------------------- optimisation
+def freeze_cnn(cfg: TrainConfig) -> bool:
+    """Audio: the CNN is frozen when fine-tuning a checkpoint (wav2vec 2.0 practice), trained from scratch."""
+    return cfg.freeze_feature_encoder and cfg.model not in PRESETS
+
+
 def fine_tuning_labels(cfg: TrainConfig, architecture: str, freeze_cnn: bool) -> Callable[[tuple], str]:
     """Optimizer label of each param: the CNN frozen (audio, when asked), the encoder delayed for
     --freeze-encoder-steps, the head trained from the start."""
