@@ -1,11 +1,11 @@
 """Speaker verification: Data2VecAudioForXVector trained as a speaker classifier with its AM-softmax loss; eval
 is the equal error rate of cosine similarity between x-vector embeddings over trial pairs of the eval set.
 
-Speakers: a manifest's `speaker` field, an hf: dataset's --label-column, or for the shipped data/speech_digits
-the `voice` field, the full espeak voice string ("en+klatt3": accent + variant, 8 x 16 possible; train holds
-125 of them, and 62 of the 64 eval speakers also speak in train, so the shipped eval verifies mostly seen
-speakers on unseen utterances). Trials: every pair of eval utterances (a fixed sample when there are more
-than MAX_TRIALS pairs); chance EER is 0.5.
+Speakers: a manifest's `speaker` field or an hf: dataset's --label-column. For the shipped data/speech_digits
+the speaker is the espeak voice variant ("en+klatt3" -> "klatt3": 16 speakers, all of them in train and eval,
+so the shipped eval verifies seen speakers on unseen utterances); the accent part of the voice string changes
+pronunciation, not the voice (README: a long-term spectrum separates variants, not accents). Trials: every pair
+of eval utterances (a fixed sample when there are more than MAX_TRIALS pairs); chance EER is 0.5.
 """
 
 from __future__ import annotations
