@@ -61,7 +61,7 @@ def test_speaker_verification_trains(tmp_path):
     """A real run: the AM-softmax loss falls and the eval EER (all 4,950 pairs of the 100 eval clips) is reported;
     the exported model loads as the x-vector head."""
     out = tmp_path / "speakers"
-    run(["--task", "speaker-verification", "--max-steps", "40", "--eval-every", "40", "--log-every", "10",
+    run(["--task", "speaker-verification", "--max-steps", "20", "--eval-every", "20", "--log-every", "5",
          "--n-buckets", "1", "--learning-rate", "2e-3", "--progress", "false", "--async-checkpointing", "false",
          "--output-dir", str(out)])
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]

@@ -219,6 +219,26 @@ def classification_steps(apply) -> tuple:
     return loss, eval_step
 
 
+def labelling_steps(apply) -> tuple:
+    """(loss, eval_step) of a head with per-position (batch, T, num_labels) logits (tokens, frames); labels are
+    cut or padded with -100 to T, padding rows ignored; eval returns pred and labels for host-side metrics."""
+    def scored(params, batch, rng, train):
+        logits = apply(params, batch, rng, train).logits
+        labels = batch["labels"][:, :logits.shape[1]]
+        labels = jnp.pad(labels, ((0, 0), (0, logits.shape[1] - labels.shape[1])),
+                         constant_values=data_lib.IGNORE_INDEX)
+        return logits, real_rows(labels, batch["example_mask"])
+
+    def loss(params, extra, batch, rng, train):
+        return (*losses.cross_entropy_sum(*scored(params, batch, rng, train)), {})
+
+    def eval_step(params, extra, batch):
+        logits, labels = scored(params, batch, None, False)
+        total, count = losses.cross_entropy_sum(logits, labels)
+        return {"loss_sum": total, "count": count, "pred": jnp.argmax(logits, -1), "labels": labels}
+    return loss, eval_step
+
+
 def export_as(module) -> Callable:
     """The export of a task whose trained module is the one users load."""
     def export(params):

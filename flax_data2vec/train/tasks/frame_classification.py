@@ -12,10 +12,8 @@ digital zeros (9-bit quantisation), so the rule is unambiguous there (see the RE
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 
-from ... import losses
 from ...audio import conv_output_lengths
 from .. import data as data_lib
 from .. import models
@@ -112,23 +110,7 @@ def make_audio_frame_classification(cfg: TrainConfig, shard_index: int = 0, num_
     max_samples = int(cfg.max_audio_seconds * 16000)
     train_ds, eval_ds = (FrameDataset(s.rows, model.module.config, label_map, max_samples) for s in (train, evaluation))
     train_data, eval_data = common.audio_iterators(cfg, train_ds, eval_ds, shard_index, num_shards)
-    apply = common.forward(model.module)
-
-    def scored(params, batch, rng, train):
-        """Per-frame logits and labels (padded or cut to the frame axis; padding rows -100)."""
-        logits = apply(params, batch, rng, train).logits
-        labels = batch["labels"][:, :logits.shape[1]]
-        labels = jnp.pad(labels, ((0, 0), (0, logits.shape[1] - labels.shape[1])),
-                         constant_values=data_lib.IGNORE_INDEX)
-        return logits, common.real_rows(labels, batch["example_mask"])
-
-    def loss(params, extra, batch, rng, train):
-        return (*losses.cross_entropy_sum(*scored(params, batch, rng, train)), {})
-
-    def eval_step(params, extra, batch):
-        logits, labels = scored(params, batch, None, False)
-        total, count = losses.cross_entropy_sum(logits, labels)
-        return {"loss_sum": total, "count": count, "pred": jnp.argmax(logits, -1), "labels": labels}
+    loss, eval_step = common.labelling_steps(common.forward(model.module))
 
     def eval_metrics(outputs):
         return {**common.mean_eval_loss(outputs),
