@@ -16,7 +16,7 @@ from .base import ModelOptions
 from .checks import check_ids
 from .ctc import ctc_loss
 from .layers import weighted_layer_sum
-from .losses import IGNORE_INDEX, cross_entropy
+from .losses import IGNORE_INDEX, am_softmax_sum, cross_entropy
 from .outputs import HeadOutput, XVectorOutput
 
 Array = jax.Array
@@ -141,15 +141,6 @@ def tdnn_output_lengths(config, lengths, with_dilation: bool = False):
     return lengths
 
 
-def am_softmax_loss(hidden: Array, weight: Array, labels: Array, scale: float = 30.0, margin: float = 0.4) -> Array:
-    """Additive-margin softmax: cosine logits with the margin subtracted at the true class, then CE."""
-    def normalize(x, axis):
-        return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
-    cos = normalize(hidden.astype(jnp.float32), 1) @ normalize(weight.astype(jnp.float32), 0)
-    onehot = jax.nn.one_hot(labels.reshape(-1), weight.shape[1], dtype=bool)
-    return cross_entropy(scale * jnp.where(onehot, cos - margin, cos), labels.reshape(-1))
-
-
 class Data2VecAudioForXVector(_AudioHead):
     """Projector -> TDNN (dilated convs + ReLU) -> mean/std statistics pooling -> embeddings -> AM-softmax.
 
@@ -188,7 +179,10 @@ class Data2VecAudioForXVector(_AudioHead):
         logits = self.dense(c.xvector_output_dim, "classifier")(embeddings)
         weight = self.param("objective", nn.initializers.normal(1.0), (c.xvector_output_dim, c.num_labels),
                             self.param_dtype)
-        loss = None if labels is None else am_softmax_loss(logits, weight, labels)
+        loss = None
+        if labels is not None:
+            total, count = am_softmax_sum(logits, weight, labels)
+            loss = total / count
         return XVectorOutput(logits=logits, embeddings=embeddings, loss=loss,
                              **_outputs(out, output_hidden_states, output_attentions))
 

@@ -84,12 +84,35 @@ def causal_lm_loss(logits: Array, labels: Array, ignore_index: int = IGNORE_INDE
     return cross_entropy(logits, shifted, ignore_index)
 
 
-def span_loss(start_logits: Array, end_logits: Array, start_positions: Array, end_positions: Array) -> Array:
-    """Extractive-QA loss: mean of start and end cross-entropies. Positions outside [0, T) are
+def span_loss_sums(start_logits: Array, end_logits: Array, start_positions: Array,
+                   end_positions: Array) -> tuple[tuple[Array, Array], tuple[Array, Array]]:
+    """Extractive QA: the (sum, count) of the start and of the end cross-entropy. Positions outside [0, T) are
     clamped to T, which is then ignored (the reference's way of skipping unanswerable spans)."""
     length = start_logits.shape[-1]
     start = jnp.clip(start_positions.reshape(-1), 0, length)
     end = jnp.clip(end_positions.reshape(-1), 0, length)
-    return (cross_entropy(start_logits, start, ignore_index=length)
-            + cross_entropy(end_logits, end, ignore_index=length)) / 2
+    return (cross_entropy_sum(start_logits, start, ignore_index=length),
+            cross_entropy_sum(end_logits, end, ignore_index=length))
 
+
+def span_loss(start_logits: Array, end_logits: Array, start_positions: Array, end_positions: Array) -> Array:
+    """The reference's extractive-QA loss: the mean of the start and the end mean cross-entropies."""
+    (start_sum, start_count), (end_sum, end_count) = span_loss_sums(start_logits, end_logits, start_positions,
+                                                                    end_positions)
+    return (start_sum / start_count + end_sum / end_count) / 2
+
+
+def cosine_scores(hidden: Array, weight: Array) -> Array:
+    """Cosine similarity of each row of `hidden` (batch, d) with each column of `weight` (d, classes), float32."""
+    def normalize(x, axis):
+        return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
+    return normalize(hidden.astype(jnp.float32), 1) @ normalize(weight.astype(jnp.float32), 0)
+
+
+def am_softmax_sum(hidden: Array, weight: Array, labels: Array, scale: float = 30.0,
+                   margin: float = 0.4) -> tuple[Array, Array]:
+    """(sum, count) of the additive-margin softmax loss (x-vectors): cosine scores with `margin` subtracted at
+    the true class, times `scale`, then cross-entropy; labels -100 are skipped."""
+    cos = cosine_scores(hidden, weight)
+    onehot = jax.nn.one_hot(labels.reshape(-1), weight.shape[1], dtype=bool)
+    return cross_entropy_sum(scale * jnp.where(onehot, cos - margin, cos), labels.reshape(-1))

@@ -35,6 +35,9 @@ class TrainConfig:
     tokenizer: str = ""  # text tasks: a transformers tokenizer dir/name; empty: a BPE built on the train text
     max_audio_seconds: float = 15.0
     max_text_tokens: int = 128
+    # question-answering: tokens between the starts of successive context windows of a long context (BERT's
+    # run_squad doc_stride; capped at a window's context length, so no token is skipped)
+    doc_stride: int = 128
     n_buckets: int = 3  # distinct padded lengths, so XLA compiles at most this many step shapes
     num_workers: int = 0  # Grain worker processes that load batches (0: one background thread; TPU hosts: several)
     # optimisation
@@ -101,6 +104,8 @@ class TrainConfig:
                 raise ValueError("model_config must be a JSON object of config fields")
         if self.tri_stage_ratios and (len(self.tri_stage_ratios) != 3 or abs(sum(self.tri_stage_ratios) - 1) > 1e-6):
             raise ValueError(f"tri_stage_ratios must be 3 fractions summing to 1, got {self.tri_stage_ratios}")
+        if self.doc_stride <= 0:
+            raise ValueError(f"doc_stride must be positive, got {self.doc_stride}")
         if self.max_steps <= 0:
             raise ValueError(f"max_steps must be positive, got {self.max_steps}")
 

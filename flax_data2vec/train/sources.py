@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import os
 from collections.abc import Sequence
 
@@ -264,14 +265,42 @@ def _hf_tagged_rows(ds, name: str, columns: Columns) -> Split:
     return Split(rows, name, names)
 
 
+def qa_row(row: dict, where: str) -> dict:
+    """A SQuAD-style row {question, context, answers: {text: [...], answer_start: [...]}} checked: every answer
+    must be the context's text at its answer_start."""
+    missing = [k for k in ("question", "context", "answers") if k not in row]
+    if missing:
+        raise ValueError(f"{where}: question answering needs 'question', 'context' and 'answers'; no {missing}")
+    texts, starts = list(row["answers"]["text"]), [int(s) for s in row["answers"]["answer_start"]]
+    if not texts or len(texts) != len(starts):
+        raise ValueError(f"{where}: 'answers' needs as many 'text' as 'answer_start' entries, at least one")
+    for text, start in zip(texts, starts):
+        if row["context"][start:start + len(text)] != text:
+            raise ValueError(f"{where}: answer {text!r} is not the context's text at answer_start {start}")
+    return {"question": str(row["question"]), "context": str(row["context"]),
+            "answers": {"text": texts, "answer_start": starts}}
+
+
+def _qa_rows(spec: str, ds=None) -> list[dict]:
+    """Question-answering rows from a JSONL file of SQuAD-style objects, or from an hf: dataset `ds`."""
+    if ds is not None:
+        return [qa_row(r, f"{spec} row {i}") for i, r in enumerate(ds)]
+    if not spec.endswith((".jsonl", ".json")):
+        raise ValueError(f"{spec}: question answering reads JSONL rows {{question, context, answers}} or hf: data")
+    with open(spec, encoding="utf-8") as f:
+        return [qa_row(json.loads(line), f"{spec} line {n}") for n, line in enumerate(f, 1) if line.strip()]
+
+
 def _hf_rows(spec: HFSpec, split: str, modality: str, columns: Columns, need_text: bool,
-             need_label: bool, target_sr: int, tagged: bool = False) -> Split:
+             need_label: bool, target_sr: int, tagged: bool = False, qa: bool = False) -> Split:
     ds = load_split(spec, split)
     name = str(HFSpec(spec.name, spec.config, split))
     if len(ds) == 0:
         raise ValueError(f"{name} has no examples")
     if tagged:
         return _hf_tagged_rows(ds, name, columns)
+    if qa:
+        return Split(_qa_rows(name, ds), name)
     rows: list[dict] = [{} for _ in range(len(ds))]
     label_names = None
     if need_label:
@@ -304,13 +333,21 @@ def _hf_rows(spec: HFSpec, split: str, modality: str, columns: Columns, need_tex
 
 def read_source(spec: str, modality: str, *, split: str | None = None, columns: Columns = Columns(),
                 need_text: bool = True, need_label: bool = False, target_sr: int = 16000,
-                tagged: bool = False) -> Split:
+                tagged: bool = False, qa: bool = False) -> Split:
     """Rows from a path (manifest for audio, text file for text) or an `hf:` spec; `split` is the
-    split to read when the spec names none. `tagged`: token classification rows {tokens, tags}."""
+    split to read when the spec names none. `tagged`: token classification rows {tokens, tags};
+    `qa`: question answering rows {question, context, answers}."""
     if is_hf(spec):
         parsed = HFSpec.parse(spec)
         return _hf_rows(parsed, parsed.split or split or "train", modality, columns, need_text, need_label,
-                        target_sr, tagged)
+                        target_sr, tagged, qa)
+    if qa:
+        if not os.path.isfile(spec):
+            raise FileNotFoundError(f"question-answering file not found: {spec}")
+        rows = _qa_rows(spec)
+        if not rows:
+            raise ValueError(f"{spec} has no examples")
+        return Split(rows, spec)
     if modality == "audio":
         return Split(data_lib.read_manifest(spec), spec)
     rows = data_lib.load_text_lines(spec)
@@ -334,11 +371,11 @@ def _eval_split_spec(spec_text: str, required: bool) -> str:
 
 def train_eval_sources(train_spec: str, eval_spec: str, modality: str, *, default_eval: str = "",
                        columns: Columns = Columns(), need_text: bool = True, need_label: bool = False,
-                       target_sr: int = 16000, tagged: bool = False) -> tuple[Split, Split]:
+                       target_sr: int = 16000, tagged: bool = False, qa: bool = False) -> tuple[Split, Split]:
     """(train, eval) sources. Eval is `eval_spec` if given (an `hf:` one without a split: its first split
     among EVAL_SPLITS); else, for an `hf:` train set without a named split, its first split among
     EVAL_SPLITS; else `default_eval`; else every 20th train row held out."""
-    kw = dict(columns=columns, need_text=need_text, need_label=need_label, target_sr=target_sr, tagged=tagged)
+    kw = dict(columns=columns, need_text=need_text, need_label=need_label, target_sr=target_sr, tagged=tagged, qa=qa)
     train = read_source(train_spec, modality, split="train", **kw)
     if not eval_spec and is_hf(train_spec) and HFSpec.parse(train_spec).split is None:
         eval_spec = _eval_split_spec(train_spec, required=False)

@@ -7,15 +7,21 @@ from collections.abc import Callable
 from ..config import TrainConfig
 from ..task import Task
 from .audio import make_audio_classification, make_ctc
+from .frame_classification import make_audio_frame_classification
 from .pretrain import make_pretrain_audio, make_pretrain_text
+from .question_answering import make_question_answering
+from .speaker_verification import make_speaker_verification
 from .text import make_mlm, make_text_classification
 from .token_classification import make_token_classification
 
 TASKS: dict[str, Callable[..., Task]] = {
     "ctc": make_ctc,
     "audio-classification": make_audio_classification,
+    "audio-frame-classification": make_audio_frame_classification,
+    "speaker-verification": make_speaker_verification,
     "text-classification": make_text_classification,
     "token-classification": make_token_classification,
+    "question-answering": make_question_answering,
     "mlm": make_mlm,
     "pretrain-audio": make_pretrain_audio,
     "pretrain-text": make_pretrain_text,

@@ -24,11 +24,6 @@ def _audio_datasets(cfg: TrainConfig, train, evaluation, **kw):
             data_lib.AudioDataset(evaluation.rows, max_samples=max_samples, **kw))
 
 
-def _freeze_cnn(cfg: TrainConfig) -> bool:
-    """The CNN is frozen when fine-tuning a checkpoint (wav2vec 2.0 practice), trained from scratch."""
-    return cfg.freeze_feature_encoder and cfg.model not in models.PRESETS
-
-
 def ctc_vocab(cfg: TrainConfig, texts: list[str]) -> data_lib.CharVocab:
     """The checkpoint's vocab.json when it has one, else every character of the training transcripts."""
     path = os.path.join(cfg.model, "vocab.json")
@@ -45,7 +40,7 @@ def make_ctc(cfg: TrainConfig, shard_index: int = 0, num_shards: int = 1) -> Tas
     train_ds, eval_ds = _audio_datasets(cfg, train, evaluation, vocab=vocab)
     train_data, eval_data = common.audio_iterators(cfg, train_ds, eval_ds, shard_index, num_shards)
     model = models.build(cfg, arch, dict(vocab_size=len(vocab), pad_token_id=0, ctc_zero_infinity=True),
-                         freeze_feature_encoder=_freeze_cnn(cfg))
+                         freeze_feature_encoder=common.freeze_cnn(cfg))
     module, apply = model.module, common.forward(model.module)
 
     def per_sequence(params, batch, rng, train):
@@ -86,7 +81,7 @@ def make_ctc(cfg: TrainConfig, shard_index: int = 0, num_shards: int = 1) -> Tas
     return Task(
         name=cfg.task, architecture=arch, module=module, init=lambda: model.params,
         optimizer=common.adamw(cfg, 1e-3 if from_scratch else 1e-4, "tri_stage",
-                               common.fine_tuning_labels(cfg, arch, _freeze_cnn(cfg)),
+                               common.fine_tuning_labels(cfg, arch, common.freeze_cnn(cfg)),
                                (0.1, 0.7, 0.2) if from_scratch else (0.1, 0.4, 0.5)),
         loss=loss, eval_step=eval_step, eval_metrics=eval_metrics, train_data=train_data, eval_data=eval_data,
         export=common.export_as(module), save_assets=vocab.save,
@@ -101,11 +96,11 @@ def make_audio_classification(cfg: TrainConfig, shard_index: int = 0, num_shards
     label_map = sources_lib.label_map(train)
     train_ds, eval_ds = _audio_datasets(cfg, train, evaluation, label_map=label_map)
     train_data, eval_data = common.audio_iterators(cfg, train_ds, eval_ds, shard_index, num_shards)
-    model = models.build(cfg, arch, dict(id2label=label_map.id2label), freeze_feature_encoder=_freeze_cnn(cfg))
+    model = models.build(cfg, arch, dict(id2label=label_map.id2label), freeze_feature_encoder=common.freeze_cnn(cfg))
     loss, eval_step = common.classification_steps(common.forward(model.module))
     return Task(
         name=cfg.task, architecture=arch, module=model.module, init=lambda: model.params,
-        optimizer=common.adamw(cfg, 3e-4, "linear", common.fine_tuning_labels(cfg, arch, _freeze_cnn(cfg))),
+        optimizer=common.adamw(cfg, 3e-4, "linear", common.fine_tuning_labels(cfg, arch, common.freeze_cnn(cfg))),
         loss=loss, eval_step=eval_step, eval_metrics=common.classification_eval, train_data=train_data,
         eval_data=eval_data, export=common.export_as(model.module),
         identity=common.identity(cfg, arch, model.module),

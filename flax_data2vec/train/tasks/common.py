@@ -112,6 +112,11 @@ def tokenizer_changes(cfg: TrainConfig, tokenizer) -> dict:
 
 
 # ----------------------------------------------------------------------------- optimisation
+def freeze_cnn(cfg: TrainConfig) -> bool:
+    """Audio: the CNN is frozen when fine-tuning a checkpoint (wav2vec 2.0 practice), trained from scratch."""
+    return cfg.freeze_feature_encoder and cfg.model not in PRESETS
+
+
 def fine_tuning_labels(cfg: TrainConfig, architecture: str, freeze_cnn: bool) -> Callable[[tuple], str]:
     """Optimizer label of each param: the CNN frozen (audio, when asked), the encoder delayed for
     --freeze-encoder-steps, the head trained from the start."""
@@ -186,6 +191,26 @@ def classification_steps(apply) -> tuple:
         total, count, correct = classification_loss(apply(params, batch, None, False).logits, batch["labels"],
                                                     batch["example_mask"])
         return {"loss_sum": total, "count": count, "correct": correct}
+    return loss, eval_step
+
+
+def labelling_steps(apply) -> tuple:
+    """(loss, eval_step) of a head with per-position (batch, T, num_labels) logits (tokens, frames); labels are
+    cut or padded with -100 to T, padding rows ignored; eval returns pred and labels for host-side metrics."""
+    def scored(params, batch, rng, train):
+        logits = apply(params, batch, rng, train).logits
+        labels = batch["labels"][:, :logits.shape[1]]
+        labels = jnp.pad(labels, ((0, 0), (0, logits.shape[1] - labels.shape[1])),
+                         constant_values=data_lib.IGNORE_INDEX)
+        return logits, real_rows(labels, batch["example_mask"])
+
+    def loss(params, extra, batch, rng, train):
+        return (*losses.cross_entropy_sum(*scored(params, batch, rng, train)), {})
+
+    def eval_step(params, extra, batch):
+        logits, labels = scored(params, batch, None, False)
+        total, count = losses.cross_entropy_sum(logits, labels)
+        return {"loss_sum": total, "count": count, "pred": jnp.argmax(logits, -1), "labels": labels}
     return loss, eval_step
 
 

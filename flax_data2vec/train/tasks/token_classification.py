@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import os
 
-import jax.numpy as jnp
 import numpy as np
 
-from ... import losses
 from .. import data as data_lib
 from .. import models
 from .. import sources as sources_lib
@@ -47,23 +45,7 @@ def make_token_classification(cfg: TrainConfig, shard_index: int = 0, num_shards
         cfg, data_lib.TaggedTextDataset(train.rows, tokenizer, label_map, **kw),
         data_lib.TaggedTextDataset(evaluation.rows, tokenizer, label_map, **kw), shard_index, num_shards)
     model = models.build(cfg, arch, {**common.tokenizer_changes(cfg, tokenizer), "id2label": label_map.id2label})
-    apply = common.forward(model.module, "input_ids")
-
-    def scored(params, batch, rng, train):
-        """Logits and per-token labels (the word-first sub-tokens of real rows; -100 elsewhere)."""
-        logits = apply(params, batch, rng, train).logits
-        labels = batch["labels"]  # (batch, w) with w <= tokens: pad to the token axis
-        labels = jnp.pad(labels, ((0, 0), (0, logits.shape[1] - labels.shape[1])),
-                         constant_values=data_lib.IGNORE_INDEX)
-        return logits, common.real_rows(labels, batch["example_mask"])
-
-    def loss(params, extra, batch, rng, train):
-        return (*losses.cross_entropy_sum(*scored(params, batch, rng, train)), {})
-
-    def eval_step(params, extra, batch):
-        logits, labels = scored(params, batch, None, False)
-        total, count = losses.cross_entropy_sum(logits, labels)
-        return {"loss_sum": total, "count": count, "pred": jnp.argmax(logits, -1), "labels": labels}
+    loss, eval_step = common.labelling_steps(common.forward(model.module, "input_ids"))
 
     def eval_metrics(outputs):
         refs, hyps = [], []
