@@ -27,7 +27,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _asr_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-length-s", type=float, default=0, help="cut long audio into chunks of this many seconds")
     p.add_argument("--stride-length-s", type=float, default=None, help="overlap each side (default: chunk/6)")
-    p.add_argument("--lm", default=None, help="kenlm n-gram (.arpa or .bin) for beam search (needs [lm])")
+    p.add_argument("--lm", default=None, help="kenlm n-gram (.arpa or .bin) for beam search (pyctcdecode + kenlm)")
     p.add_argument("--beam", action="store_true", help="beam search (pyctcdecode) even without --lm")
     p.add_argument("--hotwords", nargs="*", default=None, help="words the beam search should favour")
 

@@ -21,7 +21,8 @@ from .audio import AudioPipeline
 from .base import Model, length_batches, run_overlapped
 from .inputs import check_long_enough
 
-LM_EXTRA = "pip install 'flax_data2vec[lm]' (pyctcdecode and kenlm)"
+LM_EXTRA = ("pip install --no-deps pyctcdecode pygtrie (its numpy<2 pin would downgrade jax); "
+            "pip install kenlm for an n-gram LM")
 
 
 @dataclasses.dataclass(frozen=True)
