@@ -128,9 +128,10 @@ def read_metadata(directory: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: format_version {version!r} is not one of {READABLE_VERSIONS}; this checkpoint "
                          "was written by another version of flax_data2vec")
     name = info.get("architecture")
-    if not isinstance(name, str) or name not in registry.model_classes():
+    known = {**registry.model_classes(), **registry.data2vec2_classes()}
+    if not isinstance(name, str) or name not in known:
         raise _marker_error(path, f"architecture {name!r} is not one of the Data2Vec classes "
-                                  f"({', '.join(registry.model_classes())})")
+                                  f"({', '.join(known)})")
     if not isinstance(info.get("module_options", {}), dict):
         raise _marker_error(path, "module_options must be an object")
     files = info.get("files")

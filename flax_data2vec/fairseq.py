@@ -277,9 +277,10 @@ def _source(path: str, weights: str) -> hub.Source:
         raise FileNotFoundError(f"no fairseq checkpoint at {path}")
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
-    st = os.stat(path)
+    from .integrity import content_digest  # the cache key follows the file's content, as for transformers files
     return hub.Source(path, "fairseq", os.path.dirname(path), fetch=lambda: [path],
-                      key=json.dumps(["fairseq", path, st.st_mtime_ns, st.st_size, weights]))
+                      identify=lambda: json.dumps(["fairseq", weights, content_digest(
+                          path, os.path.join(hub.cache_dir(), ".digests"))]))
 
 
 def load(path: str | os.PathLike, architecture: str | None = None, dtype=None, param_dtype=None, sharding=None, *,
