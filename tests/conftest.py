@@ -1,6 +1,7 @@
 """Shared test fixtures: tiny random transformers models and one way to compare outputs."""
 
 import numpy as np
+import pytest
 import torch
 import transformers
 
@@ -46,3 +47,15 @@ def assert_close(name, got, want, tol=TOL):
     assert got.shape == want.shape, f"{name}: shape {got.shape} vs torch {want.shape}"
     diff = np.max(np.abs(got.astype(np.float64) - want)) if want.size else 0.0
     assert diff <= tol, f"{name}: max abs diff {diff:.3g} > {tol}"
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """This test converts into its own cache, never ~/.cache (files use it with `pytestmark`)."""
+    monkeypatch.setenv("FLAX_DATA2VEC_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def audio_model():
+    """A tiny random transformers Data2VecAudioModel."""
+    return tiny_torch_model("Data2VecAudioModel")

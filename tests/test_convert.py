@@ -22,7 +22,7 @@ from test_hub import (
 )
 
 import flax_data2vec as fd
-from flax_data2vec import checkpoint, hub, publish, registry
+from flax_data2vec import checkpoint, publish, registry
 
 AUTO = {
     "Data2VecAudioModel": "AutoModel", "Data2VecAudioForCTC": "AutoModelForCTC",
@@ -48,9 +48,7 @@ def script(name: str):
 TO_ORBAX, TO_TORCH = script("pytorch_to_orbax"), script("orbax_to_pytorch")
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(hub.CACHE_ENV, str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def cli(name: str, *args: str) -> subprocess.CompletedProcess:

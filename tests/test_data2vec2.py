@@ -13,7 +13,7 @@ from test_hub import cache_entries
 
 import flax_data2vec as fd
 from flax_data2vec import data2vec2_heads as heads
-from flax_data2vec import fairseq, hub, registry
+from flax_data2vec import fairseq, registry
 from flax_data2vec.audio import PositionalConvEmbedding
 from flax_data2vec.data2vec2 import alibi_bias, alibi_slopes
 from flax_data2vec.data2vec2_config import Data2Vec2AudioConfig, Data2Vec2TextConfig
@@ -25,9 +25,7 @@ AUDIO = dict(depth=2, embed_dim=32, num_heads=4, conv_pos_width=6, conv_pos_dept
 TEXT = dict(depth=2, embed_dim=32, num_heads=4, vocab_size=60, max_source_positions=30)
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(hub.CACHE_ENV, str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @jax.jit

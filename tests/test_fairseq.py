@@ -27,9 +27,7 @@ TEXT_CFG = {"_name": "data2vec_text", "head_layers": 2, "transformer": {
 LETTERS = list("|ETAOINS")  # after fairseq's 4 specials: the 12 rows of the tiny CTC model
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(hub.CACHE_ENV, str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def fairseq_audio_dict(model, ctc: bool) -> dict:

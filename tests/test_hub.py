@@ -72,10 +72,7 @@ def cache_entries() -> list[str]:
     return sorted(n for n in names if not n.startswith("."))
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    """Every test converts into its own cache, never ~/.cache."""
-    monkeypatch.setenv(hub.CACHE_ENV, str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def run_python(code: str, **env) -> str:

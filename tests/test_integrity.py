@@ -21,15 +21,9 @@ import flax_data2vec as fd
 from flax_data2vec import checkpoint, hub, integrity
 from flax_data2vec.config import Data2VecAudioConfig, Data2VecTextConfig
 
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(hub.CACHE_ENV, str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
-@pytest.fixture(scope="module")
-def audio_model():
-    return tiny_torch_model("Data2VecAudioModel")
 
 
 def assert_nothing_published():

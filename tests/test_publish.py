@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_hub import ROOT, assert_same_outputs, save_torch, tiny_torch_model
+from test_hub import ROOT, assert_same_outputs, save_torch
 
 import flax_data2vec as fd
 from flax_data2vec import checkpoint, hub, publish
@@ -19,14 +19,9 @@ RACE_ROUNDS = 3
 LOADERS = 3
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(hub.CACHE_ENV, str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
-@pytest.fixture(scope="module")
-def audio_model():
-    return tiny_torch_model("Data2VecAudioModel")
 
 
 def test_live_or_young_temps_are_kept_dead_old_ones_removed(tmp_path):

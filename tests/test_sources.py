@@ -36,9 +36,7 @@ def _audio_dataset(rows, names):
     return Dataset.from_dict(data, features=plain).cast_column("audio", Audio())
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FLAX_DATA2VEC_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture(scope="module")
