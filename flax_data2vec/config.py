@@ -101,7 +101,7 @@ def _class_id(key: Any) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Config:
+class ConfigBase:
     """Behaviour shared by both configs: labels, dict round trip, validation hooks."""
 
     model_type: ClassVar[str] = ""
@@ -150,7 +150,7 @@ class _Config:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
-    def replace(self, **changes) -> "_Config":
+    def replace(self, **changes) -> "ConfigBase":
         """A copy with fields changed; `num_labels=N` is accepted and rewrites `id2label`."""
         if "num_labels" in changes:
             n = changes.pop("num_labels")
@@ -159,7 +159,7 @@ class _Config:
 
     # -- dict / json ----------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], **overrides) -> "_Config":
+    def from_dict(cls, d: Mapping[str, Any], **overrides) -> "ConfigBase":
         """Build from a transformers config dict; unknown keys go to `extra`, never an error."""
         if not isinstance(d, Mapping):
             raise TypeError(f"a config must be a JSON object of fields, got a {type(d).__name__}")
@@ -203,7 +203,7 @@ class _Config:
             json.dump(self.to_dict(), f, indent=2, sort_keys=True)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **overrides) -> "_Config":
+    def from_pretrained(cls, path: str | os.PathLike, **overrides) -> "ConfigBase":
         """Read `config.json` from a directory or a file path."""
         path = os.fspath(path)
         if os.path.isdir(path):
@@ -218,7 +218,7 @@ class _Config:
 
 
 @dataclasses.dataclass(frozen=True)
-class Data2VecAudioConfig(_Config):
+class Data2VecAudioConfig(ConfigBase):
     """Config of the Data2Vec audio encoder and its heads (transformers' `Data2VecAudioConfig`)."""
 
     model_type: ClassVar[str] = "data2vec-audio"
@@ -311,7 +311,7 @@ class Data2VecAudioConfig(_Config):
 
 
 @dataclasses.dataclass(frozen=True)
-class Data2VecTextConfig(_Config):
+class Data2VecTextConfig(ConfigBase):
     """Config of the Data2Vec text encoder and its heads (transformers' `Data2VecTextConfig`)."""
 
     model_type: ClassVar[str] = "data2vec-text"

@@ -22,7 +22,7 @@ from .base import ModelOptions
 from .data2vec2_config import Data2Vec2AudioConfig, Data2Vec2TextConfig
 from .layers import TransformerStack, dense, layer_norm, mask_to_bias_mask
 from .outputs import BaseModelOutput
-from .text import _embedding_init, position_ids_from_input_ids
+from .text import embedding_init, position_ids_from_input_ids
 
 Array = jax.Array
 
@@ -167,7 +167,7 @@ class Data2Vec2TextModel(_Data2Vec2Encoder):
         check_text2_inputs(c, input_ids, attention_mask)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         pad = c.pad_token_id
-        embed = lambda n, name: nn.Embed(n, c.embed_dim, embedding_init=_embedding_init(  # noqa: E731
+        embed = lambda n, name: nn.Embed(n, c.embed_dim, embedding_init=embedding_init(  # noqa: E731
             c.initializer_range, pad), name=name, **kw)
         positions = position_ids_from_input_ids(input_ids, pad)
         x = embed(c.vocab_size, "embed_tokens")(input_ids) + embed(c.max_position_embeddings, "embed_positions")(

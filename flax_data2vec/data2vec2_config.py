@@ -12,14 +12,14 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from .config import Data2VecAudioConfig, Data2VecTextConfig, _Config
+from .config import ConfigBase, Data2VecAudioConfig, Data2VecTextConfig
 
 # [(dim, kernel, stride)] of the wav2vec 2.0 CNN: D2vAudioConfig.feature_encoder_spec (REFERENCE.md §5.5.3)
 BASE_FEATURE_ENCODER = ((512, 10, 5),) + ((512, 3, 2),) * 4 + ((512, 2, 2),) * 2
 
 
 @dataclasses.dataclass(frozen=True)
-class _Data2Vec2Config(_Config):
+class _Data2Vec2Config(ConfigBase):
     """The transformer fields shared by both modalities (`Data2VecMultiConfig`)."""
 
     depth: int = 12  # base yaml

@@ -12,7 +12,7 @@ from typing import Any
 
 from .config import Data2VecAudioConfig, Data2VecTextConfig
 from .data2vec2_config import Data2Vec2AudioConfig, Data2Vec2TextConfig
-from .hub import CheckpointError
+from .integrity import CheckpointError
 
 VOCABULARY_KEY = "fairseq_target_dictionary"  # config `extra` entry: the CTC symbols, index = output row
 SENTENCE_ENCODER = "encoder.sentence_encoder."  # v1 text encoder prefix

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .hub import CheckpointError
+from .integrity import CheckpointError
 
 
 class _StandIn:

@@ -296,7 +296,7 @@ def _convert(source: Source, name: str, options: dict) -> tuple[Any, dict, dict]
     return module, params, info
 
 
-def cache_entry(source: Source, name: str, options: dict, convert: Callable = _convert) -> str:
+def cache_entry(source: Source, name: str, options: dict, convert: Callable | None = None) -> str:
     """The converted Orbax checkpoint of (source, class), converting on first use with `convert`.
 
     Holding `.locks/<entry>.lock` while converting makes one process (of a pod sharing the cache, or of one host)
@@ -310,7 +310,7 @@ def cache_entry(source: Source, name: str, options: dict, convert: Callable = _c
     with publish.exclusive(os.path.join(cache_dir(), ".locks", os.path.basename(entry) + ".lock")):
         if _usable(entry):  # converted by whoever held the lock before
             return entry
-        module, params, info = convert(source, name, options)
+        module, params, info = (convert or _convert)(source, name, options)
         checkpoint.save(entry, module, params, overwrite=os.path.lexists(entry),
                         metadata={"source": source.key, **info})
     return entry

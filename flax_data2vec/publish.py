@@ -166,6 +166,8 @@ def remove_stale_writes(dst: str | os.PathLike, stale_after_s: float = STALE_AFT
     for token in tokens:
         tmp, old, lock = (os.path.join(parent, f"{base}.{kind}-{token}") for kind in ("tmp", "old", "lock"))
         fd = None
+        if time.time() - _newest_mtime([tmp, old, lock]) < stale_after_s:
+            continue  # too young to judge; also never probe (and so briefly hold) a live writer's fresh lock
         if os.path.lexists(lock):
             fd = _try_lock(lock, create=False)
             if fd is None:
@@ -253,7 +255,12 @@ def atomic_directory(dst: str | os.PathLike, overwrite: bool = False, need_bytes
     check_free_space(parent, need_bytes, dst)
     token = writer_token()
     tmp, lock = f"{dst}.tmp-{token}", f"{dst}.lock-{token}"
-    fd = _try_lock(lock)  # a fresh name: nobody else can hold it
+    fd = None
+    for _ in range(50):  # a fresh name: at most a stale-write sweep probes it, for an instant
+        fd = _try_lock(lock)
+        if fd is not None:
+            break
+        time.sleep(0.01)
     if fd is None:
         raise OSError(f"cannot create the lock file {lock}")
     published = False

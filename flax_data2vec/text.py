@@ -31,7 +31,7 @@ def position_ids_from_input_ids(input_ids: Array, pad_token_id: int, offset: Arr
     return (jnp.cumsum(real, axis=-1) + offset) * real + pad_token_id
 
 
-def _embedding_init(std: float, padding_idx: int | None):
+def embedding_init(std: float, padding_idx: int | None):
     """normal(0, std) with the padding row zeroed, as torch's `nn.Embedding(padding_idx=...)`."""
     def init(key, shape, dtype=jnp.float32):
         table = jax.random.normal(key, shape, dtype) * std
@@ -61,7 +61,7 @@ class TextEmbeddings(ConfigModule):
             token_type_ids = jnp.zeros_like(input_ids)
         embed = lambda n, name, padding_idx=None: nn.Embed(  # noqa: E731
             n, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
-            embedding_init=_embedding_init(c.initializer_range, padding_idx), name=name)
+            embedding_init=embedding_init(c.initializer_range, padding_idx), name=name)
         x = _lookup(embed(c.vocab_size, "word_embeddings", pad), input_ids, pad)
         x = x + embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids)
         x = x + _lookup(embed(c.max_position_embeddings, "position_embeddings", pad), position_ids, pad)

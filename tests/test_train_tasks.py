@@ -26,7 +26,8 @@ def _module_name(path: str) -> str:
 
 
 def _imports() -> dict[str, list[tuple[str, list[str]]]]:
-    """module -> [(imported flax_data2vec module, names taken from it)], every import statement counted."""
+    """module -> [(imported flax_data2vec module, names taken from it)], for the imports run at import time
+    (module level; a function-level import such as hub's lazy fairseq dispatch is not an import-time cycle)."""
     graph = {}
     for root, _, files in os.walk(PACKAGE):
         for f in files:
@@ -36,7 +37,7 @@ def _imports() -> dict[str, list[tuple[str, list[str]]]]:
             name = _module_name(path)
             package = name if f == "__init__.py" else name.rpartition(".")[0]
             edges = []
-            for node in ast.walk(ast.parse(open(path).read())):
+            for node in ast.parse(open(path).read()).body:
                 if isinstance(node, ast.Import):
                     edges += [(a.name, []) for a in node.names if a.name.startswith("flax_data2vec")]
                 elif isinstance(node, ast.ImportFrom):
@@ -88,7 +89,8 @@ def test_every_task_takes_a_real_step(tmp_path):
     assert set(TASKS) >= {"ctc", "audio-classification", "text-classification", "token-classification", "mlm",
                           "pretrain-audio", "pretrain-text"}
     for name in sorted(TASKS):
-        cfg = TrainConfig(task=name, batch_size=2, eval_batch_size=4, n_buckets=1, max_text_tokens=16,
+        tokens = 64 if name == "question-answering" else 16  # QA windows need room for question and context
+        cfg = TrainConfig(task=name, batch_size=2, eval_batch_size=4, n_buckets=1, max_text_tokens=tokens,
                           max_steps=10, output_dir=str(tmp_path / name), num_workers=0)
         task = make_task(cfg)
         assert isinstance(task, Task) and dataclasses.is_dataclass(task)
