@@ -37,20 +37,16 @@ from flax import traverse_util
 from . import checkpoint, integrity, publish, registry
 from .checkpoint import save  # noqa: F401 - re-exported as flax_data2vec.save
 from .integrity import CheckpointError
+from .names import REPO_ID, SHORT_NAMES
 from .weight_files import read_state_dict, tensor_bytes_cap
 from .weights import from_state_dict, merge_encoder, scan_params
 
-SHORT_NAMES: dict[str, str] = {name: f"facebook/{name}" for name in (
-    "data2vec-audio-base", "data2vec-audio-base-10m", "data2vec-audio-base-100h", "data2vec-audio-base-960h",
-    "data2vec-audio-large", "data2vec-audio-large-10m", "data2vec-audio-large-100h", "data2vec-audio-large-960h",
-    "data2vec-text-base")}
 CACHE_ENV = "FLAX_DATA2VEC_CACHE"
 # looked for in this order; an index names the shards
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 BASE_CLASSES = {"data2vec-audio": "Data2VecAudioModel", "data2vec-text": "Data2VecTextModel",  # by model_type
                 "data2vec2-audio": "Data2Vec2AudioModel", "data2vec2-text": "Data2Vec2TextModel"}
-_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def cache_dir() -> str:
@@ -84,7 +80,7 @@ def resolve(name_or_path: str | os.PathLike, revision: str | None = None) -> Sou
         return _local_source(path)
     if name in SHORT_NAMES:
         return _hub_source(SHORT_NAMES[name], revision, label=name)
-    if _REPO_ID.fullmatch(name) and not os.path.lexists(path):
+    if REPO_ID.fullmatch(name) and not os.path.lexists(path):
         return _hub_source(name, revision)
     if os.sep in name or name.startswith((".", "~")) or os.path.lexists(path):
         raise FileNotFoundError(f"no checkpoint directory at {path}")

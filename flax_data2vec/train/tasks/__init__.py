@@ -1,30 +1,49 @@
-"""The training tasks, by `--task` name. Each entry makes a `Task` (train/task.py) from the config."""
+"""The training tasks, by `--task` name. Each entry says where its `make_<task>` lives (imported on first use, so
+the command line checks `--task` and `--model-config` without loading JAX), which model config it trains, and
+the command that uses the exported model."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import importlib
+from typing import TYPE_CHECKING
 
-from ..config import TrainConfig
-from ..task import Task
-from .audio import make_audio_classification, make_ctc
-from .frame_classification import make_audio_frame_classification
-from .pretrain import make_pretrain_audio, make_pretrain_text
-from .question_answering import make_question_answering
-from .speaker_verification import make_speaker_verification
-from .text import make_mlm, make_text_classification
-from .token_classification import make_token_classification
+if TYPE_CHECKING:
+    from ..config import TrainConfig
+    from ..task import Task
 
-TASKS: dict[str, Callable[..., Task]] = {
-    "ctc": make_ctc,
-    "audio-classification": make_audio_classification,
-    "audio-frame-classification": make_audio_frame_classification,
-    "speaker-verification": make_speaker_verification,
-    "text-classification": make_text_classification,
-    "token-classification": make_token_classification,
-    "question-answering": make_question_answering,
-    "mlm": make_mlm,
-    "pretrain-audio": make_pretrain_audio,
-    "pretrain-text": make_pretrain_text,
+
+@dataclasses.dataclass(frozen=True)
+class TaskEntry:
+    module: str  # in this package
+    maker: str  # make_<task>(cfg, shard_index, num_shards) -> Task
+    modality: str  # "audio" or "text": whose model config --model-config edits
+    usage: str  # the next command after training; {model} is OUTPUT_DIR/model
+
+
+def _pipeline(task: str) -> str:
+    return f'flax_data2vec.pipeline("{task}", "{{model}}")'
+
+
+TASKS: dict[str, TaskEntry] = {
+    "ctc": TaskEntry("audio", "make_ctc", "audio", "python -m flax_data2vec transcribe AUDIO.wav --model {model}"),
+    "audio-classification": TaskEntry("audio", "make_audio_classification", "audio",
+                                      "python -m flax_data2vec classify AUDIO.wav --model {model}"),
+    "audio-frame-classification": TaskEntry("frame_classification", "make_audio_frame_classification", "audio",
+                                            _pipeline("audio-frame-classification")),
+    "speaker-verification": TaskEntry("speaker_verification", "make_speaker_verification", "audio",
+                                      _pipeline("speaker-embedding")),
+    "text-classification": TaskEntry("text", "make_text_classification", "text",
+                                     "python -m flax_data2vec classify 'some text' --model {model}"),
+    "token-classification": TaskEntry("token_classification", "make_token_classification", "text",
+                                      _pipeline("token-classification")),
+    "question-answering": TaskEntry("question_answering", "make_question_answering", "text",
+                                    _pipeline("question-answering")),
+    "mlm": TaskEntry("text", "make_mlm", "text", "python -m flax_data2vec fill-mask 'a <mask> text' --model {model}"),
+    "pretrain-audio": TaskEntry("pretrain", "make_pretrain_audio", "audio",
+                                "python -m flax_data2vec embed AUDIO.wav --model {model} --output emb.npy"),
+    "pretrain-text": TaskEntry("pretrain", "make_pretrain_text", "text",
+                               "python -m flax_data2vec embed 'some text' --model {model} --output emb.npy"),
 }
 
 
@@ -32,4 +51,6 @@ def make_task(cfg: TrainConfig, shard_index: int = 0, num_shards: int = 1) -> Ta
     """The task `cfg.task` names, its data read and checked and its model built (before anything compiles)."""
     if cfg.task not in TASKS:
         raise ValueError(f"unknown task {cfg.task!r}; choose one of {', '.join(TASKS)}")
-    return TASKS[cfg.task](cfg, shard_index, num_shards)
+    entry = TASKS[cfg.task]
+    maker = getattr(importlib.import_module(f".{entry.module}", __name__), entry.maker)
+    return maker(cfg, shard_index, num_shards)
