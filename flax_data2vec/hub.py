@@ -26,6 +26,8 @@ import hashlib
 import json
 import os
 import re
+import socket
+import urllib.parse
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -154,12 +156,12 @@ def _hub_source(repo_id: str, revision: str | None, label: str | None = None) ->
     from huggingface_hub.errors import EntryNotFoundError
 
     where = repo_id + (f"@{revision}" if revision else "")
+    offline_reason = hub_unreachable()  # then only the cache is read: no retries against a dead network
+    local_only = offline_reason is not None
     try:
-        config = hf_hub_download(repo_id, "config.json", revision=revision)
+        config = hf_hub_download(repo_id, "config.json", revision=revision, local_files_only=local_only)
     except Exception as e:  # offline, missing repo, gated, bad id: all mean "cannot get it"
-        offline = " (HF_HUB_OFFLINE is set and it is not in the cache)" if os.environ.get("HF_HUB_OFFLINE") else ""
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise FileNotFoundError(f"cannot get config.json of hub repo {where}{offline}: {reason}") from e
+        raise FileNotFoundError(_hub_error(where, offline_reason, e)) from e
     directory = os.path.dirname(config)
     snapshot = os.path.basename(directory) if os.path.basename(os.path.dirname(directory)) == "snapshots" else None
     commit = snapshot or revision or "main"
@@ -167,16 +169,48 @@ def _hub_source(repo_id: str, revision: str | None, label: str | None = None) ->
     def fetch() -> list[str]:
         for fname in WEIGHT_FILES:
             try:
-                path = hf_hub_download(repo_id, fname, revision=commit)
-            except EntryNotFoundError:
+                path = hf_hub_download(repo_id, fname, revision=commit, local_files_only=local_only)
+            except EntryNotFoundError:  # the LocalEntryNotFoundError of an uncached file is one too
+                if local_only and fname == WEIGHT_FILES[-1]:
+                    raise FileNotFoundError(_hub_error(f"{repo_id} ({commit})", offline_reason, None)) from None
                 continue
             files = [path] if not fname.endswith(".index.json") else [
-                hf_hub_download(repo_id, shard, revision=commit) for shard in _index_shards(path)]
+                hf_hub_download(repo_id, shard, revision=commit, local_files_only=local_only)
+                for shard in _index_shards(path)]
             for f in files:
                 integrity.check_hub_blob(f)
             return files
         raise FileNotFoundError(f"hub repo {repo_id} ({commit}) has no weights: looked for {', '.join(WEIGHT_FILES)}")
     return Source(label or repo_id, "transformers", directory, lambda: json.dumps(["hub", repo_id, commit]), fetch)
+
+
+def hub_unreachable(timeout_s: float = 3.0) -> str | None:
+    """Why the hub cannot be used now (HF_HUB_OFFLINE, or one connection attempt to its endpoint failing), else
+    None. Behind a proxy (HTTP(S)_PROXY / ALL_PROXY) no probe is made: the library's own attempt decides."""
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                       "all_proxy")):
+        return None
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout_s).close()
+    except OSError as e:
+        return f"the hub ({constants.ENDPOINT}) cannot be reached: {e.strerror or e}"
+    return None
+
+
+def _hub_error(where: str, offline_reason: str | None, error: Exception | None) -> str:
+    """One line: what could not be had, why, and the ways out (the cache, HF_HUB_OFFLINE, a local directory)."""
+    from huggingface_hub import constants
+    if offline_reason is not None:
+        return (f"cannot get hub repo {where}: {offline_reason}, and it is not in the hub cache "
+                f"({constants.HF_HUB_CACHE}). Download it once with network (then HF_HUB_OFFLINE=1 reads the cache "
+                "without trying the network), or give a local directory")
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return f"cannot get config.json of hub repo {where}: {reason}"
 
 
 def read_config(directory: str) -> dict:

@@ -7,12 +7,23 @@ config) so a run never resumes from another model's checkpoint.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from .. import publish
+
+
+class SaveFailed(OSError):
+    """A checkpoint could not be written: the run stops; what failed is named, the last good checkpoint kept."""
+
+    def __str__(self) -> str:
+        return self.strerror
 
 
 class TrainCheckpointer:
@@ -35,12 +46,46 @@ class TrainCheckpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, meta: dict, metrics: dict | None = None, force: bool = True) -> None:
+        """Start writing checkpoint `step` (in the background where async); a failure, now or of the previous
+        background write, raises SaveFailed."""
         metrics = {k: float(v) for k, v in (metrics or {}).items() if not isinstance(v, str)} if metrics else None
         if metrics is not None and self.best_metric not in metrics:
             metrics = None
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        meta=ocp.args.JsonSave(meta)),
-                          metrics=metrics, force=force)
+        self.pending = step
+        with self._failures():
+            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                            meta=ocp.args.JsonSave(meta)),
+                              metrics=metrics, force=force)
+
+    def check(self) -> None:
+        """SaveFailed if a background write has failed (cheap: no wait)."""
+        with self._failures():
+            self.manager.check_for_errors()
+
+    @contextlib.contextmanager
+    def _failures(self):
+        """Any error of a checkpoint write -> SaveFailed naming the cause, after removing the write's temp files."""
+        try:
+            yield
+        except SaveFailed:
+            raise
+        except Exception as e:
+            step = getattr(self, "pending", None)
+            self.remove_partial(step)
+            kept = self.latest_step()
+            raise SaveFailed(errno_of(e), f"checkpoint {step} could not be written to {self.directory}: "
+                             f"{failure_cause(e)}; the last good checkpoint is "
+                             f"{kept if kept is not None else 'none (no checkpoint yet)'}") from e
+
+    def remove_partial(self, step: int) -> list[str]:
+        """Delete the temp directories a failed write of `step` left (Orbax names them `<step>.orbax-...-tmp-*`)."""
+        if not os.path.isdir(self.directory):
+            return []
+        partial = [os.path.join(self.directory, e) for e in os.listdir(self.directory)
+                   if e.startswith(f"{step}.") and "tmp" in e]
+        for path in partial:
+            publish.remove_tree(path)
+        return partial
 
     def read_meta(self, step: int | None = None) -> dict | None:
         step = self.latest_step() if step is None else step
@@ -56,11 +101,32 @@ class TrainCheckpointer:
         return out["state"], out["meta"]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._failures():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
+
+
+def errno_of(e: BaseException | None) -> int:
+    while e is not None:
+        if getattr(e, "errno", None):
+            return e.errno
+        e = e.__cause__ or e.__context__
+    return errno.EIO
+
+
+def failure_cause(e: BaseException) -> str:
+    """What a failed write ran into, in a few words: disk full, permissions, or the first line of the error."""
+    if publish.is_disk_full(e):
+        return "no space left on device"
+    code, text = errno_of(e), str(e)
+    if code in (errno.EACCES, errno.EPERM) or "Permission denied" in text:
+        return "permission denied"
+    if code == errno.EROFS or "Read-only file system" in text:
+        return "read-only file system"
+    return (text.strip().splitlines() or [type(e).__name__])[0]
 
 
 def abstract_like(tree: Any) -> Any:

@@ -98,8 +98,8 @@ class TrainConfig:
     attention_implementation: str = option("", "attention kernel ('': XLA's default)", choices=("", "xla", "cudnn"))
     mask_time_prob: float = option(-1.0, "SpecAugment time-mask probability; -1: the model config's value",
                                    **FRACTION, also=(-1,))
-    ctc_implementation: str = option("optax", "ctc task: the loss (optax.ctc_loss, or flax_data2vec.ctc.ctc_nll_unrolled)",
-                                     choices=("optax", "unrolled"))
+    ctc_implementation: str = option("optax", "ctc task: the loss (optax.ctc_loss, or "
+                                     "flax_data2vec.ctc.ctc_nll_unrolled)", choices=("optax", "unrolled"))
     # data2vec pre-training overrides
     top_k: int = option(0, "pre-training: teacher layers averaged into the target; 0: the modality's default", low=0)
     ema_anneal_steps: int = option(0, "pre-training: steps of the teacher's EMA decay ramp; 0: the default", low=0)
@@ -109,7 +109,8 @@ class TrainConfig:
     teacher_input: str = option("", "pretrain-text: what the teacher sees (unmasked: the paper; masked: fairseq's "
                                 "released code; '': unmasked)", choices=("", "unmasked", "masked"))
     # devices
-    parallel: str = option("jit", "device layout (jit: one Mesh with shardings; pmap: replicated state)", choices=("jit", "pmap"))
+    parallel: str = option("jit", "device layout (jit: one Mesh with shardings; pmap: replicated state)",
+                           choices=("jit", "pmap"))
     fsdp: int = option(1, "size of the mesh's fsdp axis: params and optimizer state sharded over it (jit only)",
                        **POSITIVE)
     # bookkeeping

@@ -15,11 +15,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from .. import checkpoint
 from . import parallel
 from .checkpointing import TrainCheckpointer, abstract_like
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig, check_devices, read_saved, resume_changes
 from .optim import TrainState, skipped_steps
 from .task import Task
 from .tasks import make_task
@@ -78,23 +80,26 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule, grad
 
 
 class Logger:
-    """metrics.jsonl + TensorBoard (tensorboardX) on the main host."""
+    """metrics.jsonl + TensorBoard (tensorboardX) on the main host, from step `start` on: rows of later steps that
+    a resumed run left behind (it was killed after its last checkpoint) are dropped, so no step appears twice."""
 
-    def __init__(self, output_dir: str, enabled: bool):
+    def __init__(self, output_dir: str, enabled: bool, start: int = 0):
         self.enabled = enabled
         self.writer = None
         if enabled:
-            self.file = open(os.path.join(output_dir, "metrics.jsonl"), "a")
+            path = os.path.join(output_dir, "metrics.jsonl")
+            _drop_rows_after(path, start)
+            self.file = open(path, "a")
             try:
                 from tensorboardX import SummaryWriter
-                self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+                self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=start + 1)
             except ImportError:  # pragma: no cover - tensorboardX is a dependency
                 pass
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        row = {"step": int(step), **{k: (v if isinstance(v, str) else float(v)) for k, v in metrics.items()}}
+        row = {"step": int(step), **{k: plain(v) for k, v in metrics.items()}}
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
         if self.writer is not None:
@@ -109,13 +114,38 @@ class Logger:
                 self.writer.close()
 
 
+def _drop_rows_after(path: str, step: int) -> None:
+    """Rewrite `path` (atomically: temp file + rename) without the rows of steps after `step`."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(kept) == len(lines):
+        return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+def plain(value: Any) -> int | float | str:
+    """A metric as JSON wants it: integer counts stay integers (eval_count=100, not 100.0)."""
+    if isinstance(value, (str, bool, int, float)):
+        return int(value) if isinstance(value, bool) else value
+    value = np.asarray(value)
+    return int(value) if np.issubdtype(value.dtype, np.integer) else float(value)
+
+
 class Trainer:
     """Owns the run: builds everything in `__init__` (errors before any compile), trains in `run()`."""
 
     def __init__(self, cfg: TrainConfig):
         parallel.maybe_initialize_distributed()
+        check_devices(cfg, jax.device_count(), jax.process_count())
         self.cfg = cfg
         self.is_main = jax.process_index() == 0
+        self.config_record = self._check_config_change()
         self.task = make_task(cfg, shard_index=jax.process_index(), num_shards=jax.process_count())
         os.makedirs(cfg.output_dir, exist_ok=True)
         self.checkpointer = TrainCheckpointer(cfg.output_dir, cfg.keep_checkpoints, self.task.best_metric,
@@ -126,11 +156,30 @@ class Trainer:
         state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
                            rng=jax.random.PRNGKey(cfg.seed), extra=self.task.init_extra(params))
         self._build_steps(state)
-        self.logger = Logger(cfg.output_dir, self.is_main)
-        if self.is_main:
-            cfg.save(os.path.join(cfg.output_dir, "train_config.json"))
+        if self.is_main and self.config_record:
+            cfg.save(self.config_record)
 
     # -- set-up -------------------------------------------------------------------------------
+    def _check_config_change(self) -> str | None:
+        """Where to record this run's config: `train_config.json` for a new run; for a resumed run with changed
+        options `train_config.resume-<step>.json` (the original is kept), None if nothing changed. Options not
+        marked `resume_free` may change only with --allow-config-change."""
+        cfg = self.cfg
+        original = os.path.join(cfg.output_dir, "train_config.json")
+        step_dir = checkpoint.latest_training_step(cfg.output_dir)
+        saved = read_saved(original) if step_dir and cfg.resume else None
+        if saved is None:
+            return original
+        guarded, free = resume_changes(saved, cfg)
+        step = os.path.basename(step_dir)
+        if guarded and not cfg.allow_config_change:
+            raise ConfigError("output_dir", cfg.output_dir, f"holds a run (checkpoint at step {step}) with other "
+                              f"options: {'; '.join(guarded)}. Pass --allow-config-change to resume with the new "
+                              "ones, or choose another --output-dir")
+        if guarded:
+            self._print(f"resuming with changed options ({'; '.join(guarded)}), as --allow-config-change asks")
+        return os.path.join(cfg.output_dir, f"train_config.resume-{step}.json") if guarded or free else None
+
     def _check_resumable(self) -> None:
         step = self.checkpointer.latest_step()
         if step is None or not self.cfg.resume:
@@ -158,8 +207,6 @@ class Trainer:
             self.eval_step = jax.jit(lambda s, b: self.task.eval_step(s.params, s.extra, b))
             self.to_device = lambda b: parallel.global_batch(b, self.mesh)
         else:
-            if cfg.fsdp != 1:
-                raise ValueError("--fsdp needs --parallel jit (pmap replicates the parameters)")
             self.state = parallel.replicate(state)
             step = make_train_step(self.task, self.tx, self.schedule, cfg.grad_accum, axis_name="batch")
             self.train_step = jax.pmap(step, axis_name="batch", donate_argnums=0)
@@ -198,6 +245,31 @@ class Trainer:
             outputs.append(jax.device_get(out))
         return self.task.eval_metrics(outputs)
 
+    def _step(self, batch: dict, compiled: set, bar) -> tuple[Any, bool]:
+        """One train step. The first batch of each shape compiles: that step is announced, timed and blocked on,
+        and reported as a compile (True) so that neither the bar's ETA nor the throughput counts it."""
+        shape = _shape_text(batch)
+        if shape in compiled:
+            self.state, metrics = self.train_step(self.state, self.to_device(batch))
+            return metrics, False
+        compiled.add(shape)
+        if bar is None:
+            self._print(f"compiling the train step for shape {shape} ...", end="")
+        else:
+            bar.set_description_str(f"compiling {shape}")
+        start = time.perf_counter()
+        self.state, metrics = self.train_step(self.state, self.to_device(batch))
+        jax.block_until_ready(metrics)
+        took = f"({time.perf_counter() - start:.1f} s)"
+        if bar is None:
+            self._print(f" {took}")
+        else:
+            bar.set_description_str("train")
+            if self.is_main:
+                bar.write(f"compiled the train step for shape {shape} {took}")
+            bar.unpause()  # the compile's wall time is left out of the bar's rate and ETA
+        return metrics, True
+
     def run(self) -> dict:
         cfg = self.cfg
         self.train_iter = self.task.train_data()
@@ -209,6 +281,7 @@ class Trainer:
 
         handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         start_step = int(self.host_state().step)
+        self.logger = Logger(cfg.output_dir, self.is_main, start_step)
         self._print(f"task {cfg.task} ({self.task.architecture}); {jax.device_count()} device(s) "
                     f"({jax.devices()[0].platform}), {jax.process_count()} host(s), parallel={cfg.parallel}, "
                     f"fsdp={cfg.fsdp}; padded lengths {self.train_iter.buckets} "
@@ -216,65 +289,60 @@ class Trainer:
         for note in self.task.notes:
             self._print(note)
         summary: dict[str, Any] = {}
-        bar = _progress(cfg.max_steps, start_step, cfg.progress and self.is_main)
+        bar, compiled = None, set()
         # the iterator loads ahead (Grain: a background thread, or worker processes with --num-workers) and
         # applies the task's host-side masks there; state() is the position after the last batch taken
         self.data_position = self.train_iter.state()
-        t0, units, unit_name, n_steps, window = time.perf_counter(), 0.0, "", 0, None
+        interval = _Interval()
         try:
             for step in range(start_step, cfg.max_steps):
                 batch = next(self.train_iter)
                 self.data_position = self.train_iter.state()
                 unit_name, amount = self.task.throughput(batch)
-                self.state, metrics = self.train_step(self.state, self.to_device(batch))
+                metrics, compiling = self._step(batch, compiled, bar)
+                if bar is None:  # started after the first compile, so its rate never includes one
+                    bar = _progress(cfg.max_steps, step, cfg.progress and self.is_main)
                 if cfg.parallel == "pmap":
                     metrics = parallel.unreplicate(metrics)
-                # running sums stay on device (no sync per step); logged values are interval means
-                window = metrics if n_steps == 0 else jax.tree_util.tree_map(jnp.add, window, metrics)
-                units, n_steps = units + amount, n_steps + 1
+                interval.add(metrics, amount, timed=not compiling)
                 done = step + 1
                 if done % cfg.log_every == 0 or done == cfg.max_steps:
-                    last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    m = {k: float(v) / n_steps for k, v in jax.device_get(window).items()}
-                    for k in ("learning_rate", "skipped_steps", "ema_decay"):  # point values, not means
-                        if k in last:
-                            m[k] = last[k]
-                    elapsed = time.perf_counter() - t0
-                    m[f"{unit_name}_per_s"] = units / elapsed
-                    m["samples_per_s"] = n_steps * cfg.batch_size / elapsed
-                    t0, units, n_steps = time.perf_counter(), 0.0, 0
+                    m = interval.flush(metrics, unit_name, cfg.batch_size)
                     self.logger.log(done, m)
                     self.task.check_health(m, done)
-                    bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['learning_rate']:.2e}",
-                                    **{unit_name + "/s": f"{m[unit_name + '_per_s']:.0f}"})
+                    postfix = {"loss": f"{m['loss']:.4f}", "lr": f"{m['learning_rate']:.2e}"}
+                    if f"{unit_name}_per_s" in m:
+                        postfix[unit_name + "/s"] = f"{m[unit_name + '_per_s']:.0f}"
+                    bar.set_postfix(**postfix)
                     summary.update(m)
                 eval_metrics = None
                 if done % cfg.eval_every == 0 or done == cfg.max_steps:
                     eval_metrics = self.evaluate()
                     self.logger.log(done, eval_metrics)
-                    self._print(f"step {done}: " + ", ".join(
-                        f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in eval_metrics.items()))
+                    self._print(f"step {done}: " + format_metrics(eval_metrics), bar)
                     summary.update(eval_metrics)
                 if done % cfg.save_every == 0 or done == cfg.max_steps or stop["signal"] is not None:
                     self.save(eval_metrics)
+                self.checkpointer.check()  # a background save that failed stops the run now
                 bar.update(1)
                 if stop["signal"] is not None:
                     raise StopRequested
+            self.checkpointer.wait()
         except StopRequested:
             self.checkpointer.wait()
             self._print(f"stopped by signal {stop['signal']} at step {int(self.host_state().step)}; "
                         f"checkpoint saved, rerun the same command to resume")
             summary["stopped"] = True
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
             self.train_iter.close()
             for s, h in handlers.items():
                 signal.signal(s, h)
-            self.checkpointer.wait()
+            self.logger.close()
         if not summary.get("stopped"):
-            self.export()
+            summary["model"] = self.export()
         self.checkpointer.close()
-        self.logger.close()
         return summary
 
     def export(self) -> str:
@@ -289,12 +357,54 @@ class Trainer:
                 self.task.save_assets(tmp)  # tokenizer / vocabulary
                 complete_export(tmp, module, params)  # model.safetensors + processor files for transformers
             save_model(directory, module, params, overwrite=True, assets=assets)
-            self._print(f"final model written to {directory} (flax_data2vec.load({self.cfg.output_dir!r}))")
         return directory
 
-    def _print(self, text: str) -> None:
-        if self.is_main:
-            print(text, flush=True)
+    def _print(self, text: str, bar=None, end: str = "\n") -> None:
+        if not self.is_main:
+            return
+        if bar is not None:
+            bar.write(text)
+        else:
+            print(text, end=end, flush=True)
+
+
+class _Interval:
+    """Metrics summed on device between two log lines (no sync per step), and the throughput of the timed steps
+    (compiling steps are left out)."""
+
+    def __init__(self):
+        self.sums, self.steps, self.timed_steps, self.units, self.start = None, 0, 0, 0.0, time.perf_counter()
+
+    def add(self, metrics: dict, amount: float, timed: bool) -> None:
+        self.sums = metrics if self.sums is None else jax.tree_util.tree_map(jnp.add, self.sums, metrics)
+        self.steps += 1
+        if timed:
+            self.timed_steps, self.units = self.timed_steps + 1, self.units + amount
+        else:  # the clock restarts after a compile
+            self.timed_steps, self.units, self.start = 0, 0.0, time.perf_counter()
+
+    def flush(self, last: dict, unit_name: str, batch_size: int) -> dict:
+        """Interval means; point values for the schedule, the EMA decay and integer counts (skipped_steps)."""
+        last = {k: plain(v) for k, v in jax.device_get(last).items()}
+        m = {k: float(v) / self.steps for k, v in jax.device_get(self.sums).items()}
+        m.update({k: v for k, v in last.items() if k in ("learning_rate", "ema_decay") or isinstance(v, int)})
+        elapsed = time.perf_counter() - self.start
+        if self.timed_steps:
+            m[f"{unit_name}_per_s"] = self.units / elapsed
+            m["samples_per_s"] = self.timed_steps * batch_size / elapsed
+        self.__init__()
+        return m
+
+
+def format_metrics(metrics: dict) -> str:
+    """`k=v, ...`: floats to 4 decimals, counts as integers."""
+    return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+
+
+def _shape_text(batch: dict) -> str:
+    """The shape of the batch's largest array, named: what a new compile is for."""
+    key = max(batch, key=lambda k: np.size(batch[k]))
+    return f"{key} {tuple(np.shape(batch[key]))}"
 
 
 def _first_difference(a, b, path="") -> str:

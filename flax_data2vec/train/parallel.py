@@ -7,6 +7,7 @@ fsdp size divides. pmap mode replicates the state and splits the batch over loca
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -18,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 BATCH_AXES = ("data", "fsdp")
 
 
+@functools.cache  # once per process: the command line calls it before its device checks, the Trainer again
 def maybe_initialize_distributed() -> None:
     """Join a multi-host run (TPU pod slice, or `JAX_COORDINATOR_ADDRESS` + `JAX_NUM_PROCESSES` +
     `JAX_PROCESS_ID` on GPUs/CPUs) before any device is touched; a single host needs nothing."""
