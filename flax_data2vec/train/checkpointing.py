@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 from typing import Any
 
@@ -40,6 +41,7 @@ class TrainCheckpointer:
             preservation_policy=pp.AnyPreservationPolicy(policies), enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True)
         self.best_metric = best_metric
+        logging.getLogger("absl").addFilter(_quiet_orbax_errors)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
     def latest_step(self) -> int | None:
@@ -51,6 +53,7 @@ class TrainCheckpointer:
         metrics = {k: float(v) for k, v in (metrics or {}).items() if not isinstance(v, str)} if metrics else None
         if metrics is not None and self.best_metric not in metrics:
             metrics = None
+        self.wait()  # the previous background write first, so that its failure is reported as its own
         self.pending = step
         with self._failures():
             self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -73,9 +76,9 @@ class TrainCheckpointer:
             step = getattr(self, "pending", None)
             self.remove_partial(step)
             kept = self.latest_step()
+            last = f"the last good checkpoint, step {kept}, is intact" if kept is not None else "no earlier checkpoint"
             raise SaveFailed(errno_of(e), f"checkpoint {step} could not be written to {self.directory}: "
-                             f"{failure_cause(e)}; the last good checkpoint is "
-                             f"{kept if kept is not None else 'none (no checkpoint yet)'}") from e
+                             f"{failure_cause(e)}; {last}") from e
 
     def remove_partial(self, step: int) -> list[str]:
         """Delete the temp directories a failed write of `step` left (Orbax names them `<step>.orbax-...-tmp-*`)."""
@@ -107,6 +110,11 @@ class TrainCheckpointer:
     def close(self) -> None:
         self.wait()
         self.manager.close()
+
+
+def _quiet_orbax_errors(record: logging.LogRecord) -> bool:
+    """Orbax logs each failed background write with tracebacks from several threads; SaveFailed reports it once."""
+    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
 
 
 def errno_of(e: BaseException | None) -> int:
