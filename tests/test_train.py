@@ -122,6 +122,19 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, reference_run):
     import jax
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # metrics.jsonl: the killed run's rows after step 2 were dropped on resume, so each step appears once
+    rows = [json.loads(line) for line in open(killed / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert losses(killed) == losses(reference_run)
+    # a changed option is refused with the diff, and the run's record is kept ...
+    original = (killed / "train_config.json").read_text()
+    refused = run(REFERENCE_ARGS + ["--output-dir", str(killed), "--batch-size", "8"], check=False)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr[-2000:]
+    assert "holds a run (checkpoint at step 4) with other options: batch_size: 16 -> 8." in refused.stderr
+    # ... unless --allow-config-change: the new options go beside the original (no step left to take here)
+    run(REFERENCE_ARGS + ["--output-dir", str(killed), "--weight-decay", "0.02", "--allow-config-change"])
+    assert (killed / "train_config.json").read_text() == original
+    assert json.loads((killed / "train_config.resume-4.json").read_text())["weight_decay"] == 0.02
 
 
 def test_sigterm_leaves_a_usable_checkpoint(tmp_path):
