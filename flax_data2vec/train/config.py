@@ -15,6 +15,7 @@ import difflib
 import json
 import math
 import os
+import shlex
 from typing import Any
 
 from .presets import AUDIO_PRESETS, PRESETS, TEXT_PRESETS
@@ -27,7 +28,7 @@ class ConfigError(ValueError):
     """One bad option: `--flag VALUE: what is allowed`."""
 
     def __init__(self, name: str, value: Any, allowed: str):
-        shown = json.dumps(value) if isinstance(value, str) and (not value or " " in value) else value
+        shown = shlex.quote(value) if isinstance(value, str) else value  # as it would be typed
         super().__init__(f"{flag(name)} {shown}: {allowed}")
 
 
@@ -192,12 +193,15 @@ def _did_you_mean(word: str, choices) -> str:
     return f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
 
 
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
 def _check_value(name: str, kind: type, m: dict, value: Any) -> None:
     """A field's type, choices and range, from its `option` metadata."""
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(name, value, f"must be a {kind.__name__}")
+        raise ConfigError(name, value, f"must be {_KIND_NAMES[kind]}, not a {type(value).__name__}")
     if m["choices"] and value not in m["choices"]:
         listed = ", ".join(repr(c) if c == "" else c for c in m["choices"])
         raise ConfigError(name, value, f"must be one of {listed}{_did_you_mean(value, m['choices'])}")
