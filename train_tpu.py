@@ -28,18 +28,19 @@ def main(argv=None) -> int:
         from flax_data2vec.train.benchmark import benchmark
         benchmark(cfg)
         return 0
-    from flax_data2vec.train.loop import format_metrics, train
+    from flax_data2vec.train.loop import train
     try:
         summary = train(cfg)
     except (ValueError, OSError, RuntimeError, ImportError) as e:  # ConfigError, SaveFailed, bad data, ...
         return _fail(e)
     if jax.process_index() == 0:
-        print(_summary_line(cfg, summary, format_metrics), flush=True)
+        print(_summary_line(cfg, summary), flush=True)
     return 0
 
 
-def _summary_line(cfg, summary: dict, format_metrics) -> str:
+def _summary_line(cfg, summary: dict) -> str:
     """The run's last metrics, where the model is and the command that uses it."""
+    from flax_data2vec.train.logs import format_metrics
     from flax_data2vec.train.tasks import TASKS
     keys = ("loss", "eval_loss", "eval_cer", "eval_wer", "eval_accuracy", "eval_f1", "eval_eer", "eval_exact_match",
             "eval_perplexity", "skipped_steps")

@@ -22,6 +22,7 @@ from .. import checkpoint
 from . import parallel
 from .checkpointing import TrainCheckpointer, abstract_like
 from .config import ConfigError, TrainConfig, check_devices, read_saved, resume_changes
+from .logs import Logger, format_metrics, plain
 from .optim import TrainState, skipped_steps
 from .task import Task
 from .tasks import make_task
@@ -77,64 +78,6 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule, grad
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra=extra), metrics
 
     return step
-
-
-class Logger:
-    """metrics.jsonl + TensorBoard (tensorboardX) on the main host, from step `start` on: rows of later steps that
-    a resumed run left behind (it was killed after its last checkpoint) are dropped, so no step appears twice."""
-
-    def __init__(self, output_dir: str, enabled: bool, start: int = 0):
-        self.enabled = enabled
-        self.writer = None
-        if enabled:
-            path = os.path.join(output_dir, "metrics.jsonl")
-            _drop_rows_after(path, start)
-            self.file = open(path, "a")
-            try:
-                from tensorboardX import SummaryWriter
-                self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=start + 1)
-            except ImportError:  # pragma: no cover - tensorboardX is a dependency
-                pass
-
-    def log(self, step: int, metrics: dict) -> None:
-        if not self.enabled:
-            return
-        row = {"step": int(step), **{k: plain(v) for k, v in metrics.items()}}
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-        if self.writer is not None:
-            for k, v in row.items():
-                if k != "step" and not isinstance(v, str):
-                    self.writer.add_scalar(k, v, step)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.file.close()
-            if self.writer is not None:
-                self.writer.close()
-
-
-def _drop_rows_after(path: str, step: int) -> None:
-    """Rewrite `path` (atomically: temp file + rename) without the rows of steps after `step`."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
-    if len(kept) == len(lines):
-        return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
-
-
-def plain(value: Any) -> int | float | str:
-    """A metric as JSON wants it: integer counts stay integers (eval_count=100, not 100.0)."""
-    if isinstance(value, (str, bool, int, float)):
-        return int(value) if isinstance(value, bool) else value
-    value = np.asarray(value)
-    return int(value) if np.issubdtype(value.dtype, np.integer) else float(value)
 
 
 class Trainer:
@@ -394,11 +337,6 @@ class _Interval:
             m["samples_per_s"] = self.timed_steps * batch_size / elapsed
         self.__init__()
         return m
-
-
-def format_metrics(metrics: dict) -> str:
-    """`k=v, ...`: floats to 4 decimals, counts as integers."""
-    return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
 
 
 def _shape_text(batch: dict) -> str:
