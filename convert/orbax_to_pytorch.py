@@ -16,7 +16,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]  # run from a source checkout; `run` is shared with pytorch_to_orbax
 
-from pytorch_to_orbax import exit_with, run  # noqa: E402
+from pytorch_to_orbax import exit_with, missing, run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on failure")
     args = parser.parse_args(argv)
+    if not os.path.exists(args.src):
+        return missing(args.src)
 
     def convert() -> str:
         from flax_data2vec.hub import convert_to_transformers

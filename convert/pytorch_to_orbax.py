@@ -53,6 +53,12 @@ def run(convert: Callable[[], str], debug: bool = False) -> int:
         return 0
 
 
+def missing(path: str) -> int:
+    """The one-line failure for a source path that does not exist, found before JAX and Orbax load."""
+    print(f"error: {os.path.abspath(path)} does not exist", file=sys.stderr, flush=True)
+    return 1
+
+
 def exit_with(code: int) -> None:
     """Exit; after a failure, tracebacks that native threads print late go to /dev/null, not after the error line."""
     if code:
