@@ -11,6 +11,7 @@ import contextlib
 import errno
 import logging
 import os
+import sys
 from typing import Any
 
 import jax
@@ -42,6 +43,7 @@ class TrainCheckpointer:
             cleanup_tmp_directories=True)
         self.best_metric = best_metric
         logging.getLogger("absl").addFilter(_quiet_orbax_errors)
+        sys.excepthook = _without_closed_loop_callbacks(sys.excepthook)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
     def latest_step(self) -> int | None:
@@ -115,6 +117,19 @@ class TrainCheckpointer:
 def _quiet_orbax_errors(record: logging.LogRecord) -> bool:
     """Orbax logs each failed background write with tracebacks from several threads; SaveFailed reports it once."""
     return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+def _without_closed_loop_callbacks(hook):
+    """sys.excepthook, except for the 'Event loop is closed' errors that TensorStore's callbacks print (through
+    PyErr_Print) when a failed write's remaining futures complete after Orbax closed their asyncio loop."""
+    if getattr(hook, "closed_loop_filter", False):
+        return hook
+
+    def filtered(kind, error, tb):
+        if not (kind is RuntimeError and str(error) == "Event loop is closed"):
+            hook(kind, error, tb)
+    filtered.closed_loop_filter = True
+    return filtered
 
 
 def errno_of(e: BaseException | None) -> int:
