@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     from flax_data2vec.train.loop import train
     try:
         summary = train(cfg)
-    except (ValueError, OSError, RuntimeError, ImportError) as e:  # ConfigError, SaveFailed, bad data, ...
+    except (ValueError, TypeError, OSError, RuntimeError, ImportError) as e:  # ConfigError, SaveFailed, bad data
         return _fail(e)
     if jax.process_index() == 0:
         print(_summary_line(cfg, summary), flush=True)

@@ -180,8 +180,9 @@ class TrainConfig:
         if not isinstance(d, dict):
             raise ConfigError("config", path, "must hold a JSON object of options")
         names = [f.name for f in dataclasses.fields(cls)]
-        for key in sorted(set(d) - set(names)):
-            raise ConfigError("config", path, f"unknown option {key!r}{_did_you_mean(key, names)}")
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ConfigError("config", path, f"unknown option {unknown[0]!r}{_did_you_mean(unknown[0], names)}")
         d.update(overrides)
         if "tri_stage_ratios" in d:
             d["tri_stage_ratios"] = tuple(d["tri_stage_ratios"])
@@ -241,7 +242,7 @@ def check_inputs(cfg: TrainConfig) -> None:
     config_class = _model_config_class(cfg)
     overrides = cfg.model_overrides
     if config_class is not None and overrides:
-        fields = [f.name for f in dataclasses.fields(config_class) if f.name != "extra"] + ["num_labels"]
+        fields = [f.name for f in dataclasses.fields(config_class) if f.name != "extra"]
         for key in overrides:
             if key not in fields:
                 raise ConfigError("model_config", cfg.model_config, f"{key!r} is not a {config_class.__name__} "
