@@ -193,7 +193,7 @@ def test_bad_input_fails_before_compiling(tmp_path, case):
         run(TEXT_JOB + ["--max-steps", "1", "--output-dir", str(tmp_path / "out")])
         args = TEXT_JOB + ["--max-steps", "2", "--output-dir", str(tmp_path / "out"),
                            "--model-config", json.dumps({"num_hidden_layers": 2})]
-        expect = "with other options: max_steps: 1 -> 2; model_config: "  # the diff, before the model is built
+        expect = "with other options: model_config: "  # the diff (then max_steps: 1 -> 2), before the model is built
     start = time.time()
     proc = run(args, check=False)
     assert proc.returncode != 0
