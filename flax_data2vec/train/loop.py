@@ -287,7 +287,7 @@ class Trainer:
 
             def assets(tmp: str) -> None:  # inside the checksummed, atomically published directory
                 self.task.save_assets(tmp)  # tokenizer / vocabulary
-                complete_export(tmp, module, params)  # model.safetensors + processor files for transformers
+                complete_export(tmp, module, params, label=directory)  # model.safetensors + processor files
             save_model(directory, module, params, overwrite=True, assets=assets)
             self._print(f"final model written to {directory} (flax_data2vec.load({self.cfg.output_dir!r}))")
         return directory
