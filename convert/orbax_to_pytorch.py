@@ -3,7 +3,9 @@
     python convert/orbax_to_pytorch.py ckpt/audio-base-960h hf/audio-base-960h
 
 DST gets config.json (with `architectures` and `model_type`) and model.safetensors, which
-`transformers.<Class>.from_pretrained(DST)` and the matching AutoModel class load. Exit status 0 on success;
+`transformers.<Class>.from_pretrained(DST)` and the matching AutoModel class load, and the processor files
+`transformers.pipeline(task, model=DST)` needs: the tokenizer (an error if SRC has none, unless --weights-only)
+and, for audio, preprocessor_config.json. Exit status 0 on success;
 on failure one line on stderr (the full traceback with --debug).
 """
 
@@ -24,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("src", metavar="SRC", help="Orbax checkpoint directory written by flax_data2vec")
     parser.add_argument("dst", metavar="DST", help="directory to write the transformers checkpoint to")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    parser.add_argument("--weights-only", action="store_true",
+                        help="write the model even if SRC has no tokenizer (transformers.pipeline cannot run it)")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on failure")
     args = parser.parse_args(argv)
     if not os.path.exists(args.src):
@@ -31,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def convert() -> str:
         from flax_data2vec.hub import convert_to_transformers
-        return convert_to_transformers(args.src, args.dst, args.overwrite)
+        return convert_to_transformers(args.src, args.dst, args.overwrite, args.weights_only)
     return run(convert, args.debug)
 
 

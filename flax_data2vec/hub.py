@@ -455,13 +455,17 @@ def convert_to_orbax(src: str, dst: str, architecture: str | None = None, overwr
     module, params, info = _convert(source, name, {})
     warn_changes(name, source.label, info)
     params = checkpoint.init_new(module, params, info["new_paths"], rng, checkpoint.host_sharding())
-    return checkpoint.save(dst, module, params, overwrite, metadata={"source": source.directory})
+    from .processors import copy_processor_files  # the tokenizer / feature extractor travel along
+    return checkpoint.save(dst, module, params, overwrite, metadata={"source": source.directory},
+                           assets=lambda tmp: copy_processor_files(source.directory, tmp))
 
 
-def save_transformers(directory: str, module, params, overwrite: bool = False) -> str:
+def save_transformers(directory: str, module, params, overwrite: bool = False,
+                      assets: Callable[[str], None] | None = None) -> str:
     """Write config.json + model.safetensors that transformers' `from_pretrained` loads without warnings.
 
     Tied copies (the LM heads' decoder) are left out, as `save_pretrained` does; transformers re-ties them.
+    assets(tmp_dir): writes the processor files before the directory is published.
     """
     name = type(module).__name__
     state_dict = registry.to_transformers_state_dict(module, params)
@@ -474,13 +478,16 @@ def save_transformers(directory: str, module, params, overwrite: bool = False) -
     import safetensors.numpy
     with checkpoint.atomic_directory(directory, overwrite) as tmp:
         module.config.replace(architectures=(name,)).to_json_file(os.path.join(tmp, "config.json"))
+        if assets is not None:  # first: a missing tokenizer fails before the weights are written
+            assets(tmp)
         safetensors.numpy.save_file(state_dict, os.path.join(tmp, "model.safetensors"),
                                     metadata={"format": "pt", integrity.TENSORS_DIGEST_KEY: digest})
     return os.path.abspath(directory)
 
 
-def convert_to_transformers(src: str, dst: str, overwrite: bool = False) -> str:
-    """An Orbax checkpoint written by this package -> a transformers directory at `dst`."""
+def convert_to_transformers(src: str, dst: str, overwrite: bool = False, weights_only: bool = False) -> str:
+    """An Orbax checkpoint written by this package -> a transformers directory at `dst`, with the processor
+    files `transformers.pipeline` needs (an error if the tokenizer is missing, unless `weights_only`)."""
     if os.path.lexists(dst) and not overwrite:
         raise FileExistsError(f"{os.path.abspath(dst)} already exists; pass --overwrite to replace it")
     src = training_output_model(os.fspath(src))
@@ -490,7 +497,10 @@ def convert_to_transformers(src: str, dst: str, overwrite: bool = False) -> str:
         raise FileNotFoundError(f"{os.path.abspath(src)} is not a flax_data2vec Orbax checkpoint "
                                 f"(no {checkpoint.MARKER})")
     module, params = checkpoint.restore(src, sharding=checkpoint.host_sharding())
-    out = save_transformers(dst, module, params, overwrite)
-    from .processors import copy_processor_files  # pipelines: tokenizer / feature extractor travel along
-    copy_processor_files(src, out)
-    return out
+    from . import processors
+
+    def assets(tmp: str) -> None:  # the tokenizer / feature extractor travel along, checked before publishing
+        processors.copy_processor_files(src, tmp)
+        if not weights_only:
+            processors.complete_processors(tmp, module, label=os.path.abspath(src))
+    return save_transformers(dst, module, params, overwrite, assets=assets)

@@ -95,6 +95,26 @@ def _swap_in(tmp: str, dst: str, token: str) -> None:
     raise RuntimeError(f"could not replace {dst}: other writers kept replacing it")
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask would, for an instant, in every thread)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    return 0o022
+
+
+def ordinary_permissions(root: str) -> None:
+    """Give `root`'s tree the modes a plain write would (0644 files, 0755 directories under umask 022):
+    safetensors and tempfile create 0600 / 0700, which other users of a shared model directory cannot read."""
+    mask = _umask()
+    for directory, _, files in os.walk(root):
+        os.chmod(directory, 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(directory, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
+
+
 def remove_tree(path: str, settle_s: float = 0.0, patience_s: float = 10.0) -> None:
     """Remove a file or directory tree. `settle_s`: after a failed write, keep watching that long and remove it
     again if it reappears (TensorStore writes still in flight when Orbax gives up re-create their directories)."""
@@ -268,6 +288,7 @@ def atomic_directory(dst: str | os.PathLike, overwrite: bool = False, need_bytes
         with _Heartbeat(lock):
             os.makedirs(tmp)
             yield tmp
+            ordinary_permissions(tmp)
             if overwrite and os.path.lexists(dst):
                 _swap_in(tmp, dst, token)
             else:

@@ -277,3 +277,46 @@ def test_truecasing_examples():
     assert rows[0] == {"tokens": ["mr.", "darcy", "said", "no", "to", "elizabeth"],
                        "tags": ["Cap", "UPPER", "O", "O", "O", "Cap"]}
     assert rows[1] == {"tokens": ["a", "1811", "i"], "tags": ["O", "O", "Cap"]}
+
+
+# ----------------------------------------------------------------------------- per-example checks (issue 15)
+
+def test_wav_holding_nan_is_named_at_its_first_batch(tmp_path, vocab):
+    """A NaN sample would make the step's loss NaN (skipped steps, nan eval_loss); the batch that holds it
+    fails instead, naming the file and where in it, through the background loader as through a plain load."""
+    good, bad = np.sin(np.arange(16000) / 9.0).astype(np.float32), np.zeros(16000, np.float32)
+    bad[8000] = np.nan
+    for name, x in (("good", good), ("bad", bad)):
+        sf.write(tmp_path / f"{name}.wav", x, 16000, subtype="FLOAT")  # 32-bit float WAV: NaN survives
+    rows = [{"path": str(tmp_path / f"{n}.wav"), "text": "on"} for n in ("good", "bad")]
+    dataset = D.AudioDataset(rows, vocab=vocab)  # lengths come from headers: planning reads no samples
+    it = BatchIterator(dataset, 2, n_buckets=1, shuffle=False)
+    with pytest.raises(ValueError) as e:
+        next(it)
+    it.close()
+    assert str(e.value) == (f"audio file {tmp_path / 'bad.wav'} holds 1 non-finite samples (NaN or inf), the first "
+                            "at 0.500 s; repair the file or remove it from the data")
+
+
+def test_empty_audio_file_is_named(tmp_path):
+    _write_wav(tmp_path / "empty.wav", np.zeros(0, np.float32))
+    with pytest.raises(ValueError, match=f"audio file {tmp_path / 'empty.wav'} is empty"):
+        D.load_audio(str(tmp_path / "empty.wav"))
+
+
+def test_unlabelled_rows_are_refused_not_made_a_class():
+    with pytest.raises(ValueError, match=r"example 1 has no label \(and 1 more\)"):
+        D.LabelMap.from_labels(["yes", None, "no", ""])
+
+
+def test_hf_tag_ids_outside_the_classes_are_refused():
+    """ClassLabel stores -1 for "no label"; names[-1] would silently train it as the last class."""
+    datasets = pytest.importorskip("datasets")
+    from flax_data2vec.train import sources
+    features = datasets.Features({"tokens": datasets.Sequence(datasets.Value("string")),
+                                  "ner_tags": datasets.Sequence(datasets.ClassLabel(names=["O", "B-PER"]))})
+    ds = datasets.Dataset.from_dict({"tokens": [["Anne", "Elliot"], ["x"]], "ner_tags": [[1, 0], [-1]]}, features)
+    with pytest.raises(ValueError, match=r"hf:tiny row 1: tag id -1 in column 'ner_tags' is outside its 2 classes"):
+        sources._hf_tagged_rows(ds, "hf:tiny", sources.Columns())
+    split = sources._hf_tagged_rows(ds.select([0]), "hf:tiny", sources.Columns())
+    assert split.rows[0]["tags"] == ["B-PER", "O"]

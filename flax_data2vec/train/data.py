@@ -113,12 +113,22 @@ def load_audio(source, target_sr: int = 16000, name: str | None = None) -> np.nd
         raise ValueError(f"cannot read audio file {name}: {e}") from None
     if x.shape[0] == 0:
         raise ValueError(f"audio file {name} is empty")
+    check_finite_audio(x, sr, name)
     x = x.mean(axis=1) if x.shape[1] > 1 else x[:, 0]
     if sr != target_sr:
         from scipy.signal import resample_poly
         g = math.gcd(sr, target_sr)
         x = resample_poly(x, target_sr // g, sr // g)
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def check_finite_audio(x: np.ndarray, sr: int, name: str) -> None:
+    """NaN or inf samples would make the step's loss NaN (a skipped step, a nan eval_loss) without saying where."""
+    bad = ~np.isfinite(x)
+    if bad.any():
+        first = int(np.argmax(bad.any(axis=1) if bad.ndim > 1 else bad))
+        raise ValueError(f"audio file {name} holds {int(bad.sum())} non-finite samples (NaN or inf), the first at "
+                         f"{first / sr:.3f} s; repair the file or remove it from the data")
 
 
 def load_row_audio(row: dict, target_sr: int = 16000) -> np.ndarray:
@@ -217,7 +227,13 @@ class LabelMap:
 
     @classmethod
     def from_labels(cls, labels: Iterable[Any]) -> LabelMap:
-        """Map of the distinct labels, sorted (numerically when all are integers)."""
+        """Map of the distinct labels, sorted (numerically when all are integers); a missing label is an error."""
+        labels = list(labels)
+        missing = next((i for i, label in enumerate(labels) if label is None or label == ""), None)
+        if missing is not None:
+            raise ValueError(f"example {missing} has no label (and {sum(lb is None or lb == '' for lb in labels) - 1} "
+                             "more): every training example needs one; drop unlabelled rows or name the label "
+                             "column with --label-column")
         names = {str(label) for label in labels}
         numeric = all(n.lstrip("-").isdigit() for n in names)
         return cls(sorted(names, key=int) if numeric else sorted(names))

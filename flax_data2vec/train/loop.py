@@ -298,7 +298,7 @@ class Trainer:
 
             def assets(tmp: str) -> None:  # inside the checksummed, atomically published directory
                 self.task.save_assets(tmp)  # tokenizer / vocabulary
-                complete_export(tmp, module, params)  # model.safetensors + processor files for transformers
+                complete_export(tmp, module, params, label=directory)  # model.safetensors + processor files
             save_model(directory, module, params, overwrite=True, assets=assets)
         return directory
 

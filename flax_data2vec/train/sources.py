@@ -260,7 +260,11 @@ def _hf_tagged_rows(ds, name: str, columns: Columns) -> Split:
     tags = _pick(ds, tags, TAG_COLUMNS, "tags", "--label-column")
     names = _label_names(ds, tags)
     rows = []
-    for w, t in zip(ds[words], ds[tags]):
+    for n, (w, t) in enumerate(zip(ds[words], ds[tags])):
+        if names is not None and any(not 0 <= i < len(names) for i in t):  # names[-1] would be the last class
+            bad = next(i for i in t if not 0 <= i < len(names))
+            raise ValueError(f"{name} row {n}: tag id {bad} in column {tags!r} is outside its {len(names)} classes "
+                             f"[0, {len(names)})")
         rows.append({"tokens": [str(x) for x in w], "tags": [names[i] if names is not None else str(i) for i in t]})
     return Split(rows, name, names)
 
