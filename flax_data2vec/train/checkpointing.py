@@ -43,7 +43,7 @@ class TrainCheckpointer:
             cleanup_tmp_directories=True)
         self.best_metric = best_metric
         logging.getLogger("absl").addFilter(_quiet_orbax_errors)
-        sys.excepthook = _without_closed_loop_callbacks(sys.excepthook)
+        _quiet_closed_loop_callbacks()
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
     def latest_step(self) -> int | None:
@@ -119,17 +119,25 @@ def _quiet_orbax_errors(record: logging.LogRecord) -> bool:
     return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
 
 
-def _without_closed_loop_callbacks(hook):
-    """sys.excepthook, except for the 'Event loop is closed' errors that TensorStore's callbacks print (through
-    PyErr_Print) when a failed write's remaining futures complete after Orbax closed their asyncio loop."""
-    if getattr(hook, "closed_loop_filter", False):
-        return hook
+def _quiet_closed_loop_callbacks() -> None:
+    """Leave out the 'Event loop is closed' errors that TensorStore's callbacks report (as unraisable exceptions,
+    or through PyErr_Print) when a failed write's remaining futures complete after Orbax closed their loop."""
+    if getattr(sys.unraisablehook, "closed_loop_filter", False):
+        return
+    unraisable, excepthook = sys.unraisablehook, sys.excepthook
 
-    def filtered(kind, error, tb):
-        if not (kind is RuntimeError and str(error) == "Event loop is closed"):
-            hook(kind, error, tb)
-    filtered.closed_loop_filter = True
-    return filtered
+    def is_closed_loop(error) -> bool:
+        return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+    def quiet_unraisable(info):
+        if not is_closed_loop(info.exc_value):
+            unraisable(info)
+
+    def quiet_except(kind, error, tb):
+        if not is_closed_loop(error):
+            excepthook(kind, error, tb)
+    quiet_unraisable.closed_loop_filter = True
+    sys.unraisablehook, sys.excepthook = quiet_unraisable, quiet_except
 
 
 def errno_of(e: BaseException | None) -> int:
