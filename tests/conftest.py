@@ -69,6 +69,23 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FLAX_DATA2VEC_CACHE", str(tmp_path / "cache"))
 
 
+@pytest.fixture(scope="session")
+def default_ctc_run(tmp_path_factory):
+    """The no-argument train_tpu.py job (tiny CTC on the shipped speech data), bounded to 600 steps: trained once,
+    checked by test_train and served by test_pipelines_trained. Returns (output dir, metrics.jsonl rows)."""
+    import json
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path_factory.mktemp("default_ctc") / "run"
+    args = ["--max-steps", "600", "--eval-every", "300", "--save-every", "300", "--log-every", "50",
+            "--n-buckets", "2", "--progress", "false", "--output-dir", str(out)]
+    proc = subprocess.run([sys.executable, os.path.join(root, "train_tpu.py"), *args], capture_output=True,
+                          text=True, timeout=1500, env={**os.environ, "PYTHONPATH": root})
+    assert proc.returncode == 0, f"train_tpu.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return str(out), [json.loads(line) for line in open(out / "metrics.jsonl")]
+
+
 @pytest.fixture(scope="module")
 def audio_model():
     """A tiny random transformers Data2VecAudioModel."""
