@@ -133,6 +133,10 @@ if _CPU_TOP is not None:
             terminalreporter.write_line(f"{seconds:9.1f}s  {nodeid}")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "xdist_group(name): run on one pytest-xdist worker (--dist loadgroup)")
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
     """Under `pytest -n N --dist loadgroup`, tests sharing a module- or session-scoped fixture (a trained model,
