@@ -1,9 +1,23 @@
 """Shared test fixtures: tiny random transformers models and one way to compare outputs."""
 
-import numpy as np
-import pytest
-import torch
-import transformers
+import atexit
+import os
+import resource
+import shutil
+import tempfile
+
+# One XLA compilation cache for the whole run, shared by pytest(-xdist) workers and the train_tpu.py subprocesses
+# they start (set before jax is imported; children inherit it): the same step or init kernel compiles once.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _JAX_CACHE = tempfile.mkdtemp(prefix="flax_data2vec-tests-xla-")
+    atexit.register(shutil.rmtree, _JAX_CACHE, True)
+    os.environ.update({"JAX_COMPILATION_CACHE_DIR": _JAX_CACHE, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                       "JAX_COMPILATION_CACHE_MAX_SIZE": str(8 << 30)})  # a size limit turns on its file lock
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
 
 TOL = 1e-4  # max abs difference allowed against transformers in float32
 
@@ -55,7 +69,83 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FLAX_DATA2VEC_CACHE", str(tmp_path / "cache"))
 
 
+@pytest.fixture(scope="session")
+def default_ctc_run(tmp_path_factory):
+    """The no-argument train_tpu.py job (tiny CTC on the shipped speech data), bounded to 600 steps: trained once,
+    checked by test_train and served by test_pipelines_trained. Returns (output dir, metrics.jsonl rows)."""
+    import json
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path_factory.mktemp("default_ctc") / "run"
+    args = ["--max-steps", "600", "--eval-every", "300", "--save-every", "300", "--log-every", "50",
+            "--n-buckets", "2", "--progress", "false", "--output-dir", str(out)]
+    proc = subprocess.run([sys.executable, os.path.join(root, "train_tpu.py"), *args], capture_output=True,
+                          text=True, timeout=1500, env={**os.environ, "PYTHONPATH": root})
+    assert proc.returncode == 0, f"train_tpu.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return str(out), [json.loads(line) for line in open(out / "metrics.jsonl")]
+
+
 @pytest.fixture(scope="module")
 def audio_model():
     """A tiny random transformers Data2VecAudioModel."""
     return tiny_torch_model("Data2VecAudioModel")
+
+
+# Per-test CPU time (this process and its waited-for subprocesses), an estimate of idle-box wall time that holds
+# on a busy machine: FLAX_DATA2VEC_TEST_CPU=N prints the N most expensive tests (0: all), with or without xdist.
+_CPU_TOP = os.environ.get("FLAX_DATA2VEC_TEST_CPU")
+
+
+def _cpu_seconds():
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+if _CPU_TOP is not None:
+    def _timed(item):
+        start = _cpu_seconds()
+        yield
+        item.stash.setdefault(_CPU_KEY, []).append(_cpu_seconds() - start)
+
+    _CPU_KEY = pytest.StashKey[list]()
+    pytest_runtest_setup = pytest.hookimpl(hookwrapper=True)(_timed)
+    pytest_runtest_call = pytest.hookimpl(hookwrapper=True)(_timed)
+    pytest_runtest_teardown = pytest.hookimpl(hookwrapper=True)(_timed)
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(item, call):
+        report = (yield).get_result()
+        spent = item.stash.get(_CPU_KEY, [])
+        if spent:
+            report.user_properties.append(("cpu_s", spent[-1]))  # the phase that just ran
+
+    def pytest_terminal_summary(terminalreporter):
+        total = {}
+        for reports in terminalreporter.stats.values():
+            for r in reports:
+                for key, value in getattr(r, "user_properties", ()):
+                    if key == "cpu_s":
+                        total[r.nodeid] = total.get(r.nodeid, 0.0) + value
+        top = sorted(total.items(), key=lambda kv: -kv[1])
+        terminalreporter.write_sep("=", f"CPU seconds per test (sum {sum(total.values()):.0f} s)")
+        for nodeid, seconds in top[: int(_CPU_TOP) or None]:
+            terminalreporter.write_line(f"{seconds:9.1f}s  {nodeid}")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "xdist_group(name): run on one pytest-xdist worker (--dist loadgroup)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    """Under `pytest -n N --dist loadgroup`, tests sharing a module- or session-scoped fixture (a trained model,
+    converted checkpoints) run on one worker, so that fixture is built once rather than once per worker."""
+    for item in items:
+        defs = [d for ds in item._fixtureinfo.name2fixturedefs.values() for d in ds[-1:]
+                if d.baseid and d.scope in ("module", "session")]  # pytest's own (tmp_path_factory) have no baseid
+        # a conftest session fixture is shared across files and decides first; else the test's file is the group
+        shared = sorted(f"0{d.argname}" if d.scope == "session" and not d.baseid.endswith(".py")
+                        else f"1{item.path.name}" for d in defs)
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(shared[0][1:]))

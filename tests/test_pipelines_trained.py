@@ -1,10 +1,8 @@
-"""A model trained here by `train_tpu.py` (a short run of the default CTC job): its exported directory serves
-flax_data2vec's pipeline, its CLI and transformers' pipeline alike, with the trainer's own eval CER."""
+"""A model trained here by `train_tpu.py` (the default CTC job, 600 steps, shared with test_train): its exported
+directory serves flax_data2vec's pipeline, its CLI and transformers' pipeline alike, with the trainer's own eval CER."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,9 +14,7 @@ from flax_data2vec import __main__ as cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "data", "speech_digits")
-# Short, to fit the test budget: the model may still sit on CTC's all-blank plateau, and the checks hold whatever
-# the CER is. benchmarks/lm_wer.py runs the same checks and the n-gram LM comparison on a longer run.
-STEPS = 60
+# The checks hold whatever the CER is; benchmarks/lm_wer.py runs them and the n-gram LM comparison on a longer run.
 
 
 def manifest(name):
@@ -27,15 +23,9 @@ def manifest(name):
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory):
-    out = tmp_path_factory.mktemp("train") / "run"
-    args = ["--max-steps", str(STEPS), "--eval-every", str(STEPS), "--save-every", str(STEPS), "--log-every", "100",
-            "--n-buckets", "2", "--progress", "false", "--output-dir", str(out)]
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_tpu.py"), *args], capture_output=True,
-                          text=True, timeout=1500, env={**os.environ, "PYTHONPATH": ROOT})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    return str(out), [r for r in rows if "eval_cer" in r][-1]
+def trained(default_ctc_run):
+    out, rows = default_ctc_run  # conftest: the run test_train checks, trained once for both
+    return out, [r for r in rows if "eval_cer" in r][-1]
 
 
 def test_pipeline_cer_equals_the_trainers_final_eval_cer(trained, capsys):

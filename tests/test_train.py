@@ -39,17 +39,14 @@ def test_help_lists_every_option():
         assert flag in out
 
 
-def test_default_job_learns(tmp_path):
+def test_default_job_learns(default_ctc_run):
     """The no-argument job (tiny CTC on the shipped speech data), bounded: CER falls well below its start."""
-    out = tmp_path / "ctc"
-    run(["--max-steps", "600", "--eval-every", "300", "--log-every", "50", "--n-buckets", "2", "--progress", "false",
-         "--output-dir", str(out)], timeout=1500)
-    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    out, rows = default_ctc_run
     cers = [r["eval_cer"] for r in rows if "eval_cer" in r]
     train_losses = [r["loss"] for r in rows if "loss" in r]
     assert train_losses[-1] < 0.5 * train_losses[0]
     assert cers[0] > 0.9 and cers[-1] < 0.75, cers  # 1.0 = all blanks; ~0.55 reached at step 600 here
-    assert os.path.isfile(out / "model" / "config.json")
+    assert os.path.isfile(os.path.join(out, "model", "config.json"))
 
 
 REFERENCE_ARGS = TEXT_JOB + ["--max-steps", "4", "--save-every", "2"]
