@@ -55,7 +55,7 @@ class AudioPipeline(Pipeline):
             return idx, self.prepare([waves[i] for i in idx])
 
         def finish(prepared, out):
-            out = jax.tree_util.tree_map(np.asarray, jax.device_get(out))
+            out = self.forward.fetch(out)
             return [(i, jax.tree_util.tree_map(lambda a, k=k: a[k], out)) for k, i in enumerate(prepared[0])]
         done = run_overlapped(length_batches([len(w) for w in waves], self.batch_size), prepare,
                               lambda p: self.forward(*p[1]), finish, self.stats)
