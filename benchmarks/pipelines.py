@@ -176,6 +176,7 @@ def main(argv=None) -> int:
     p = base_parser(__doc__.split("\n\n")[0])
     p.add_argument("--cases", default="asr-eval,asr-10s,text",
                    help="comma-separated: asr-eval, asr-10s, asr-stages (where the time goes), text")
+    p.add_argument("--stage-clips", type=int, default=8, help="clips of 10 s (one batch) for asr-stages")
     args = p.parse_args(argv)
     cases = set(args.cases.split(","))
     args.repeats = 3 if args.repeats == 5 else args.repeats
@@ -198,7 +199,10 @@ def main(argv=None) -> int:
         if "asr-10s" in cases:
             rows.append(compare("ASR 8 x 10 s", "audio-s", 80.0, Call(ours, ten), Call(theirs, ten), args.repeats))
         if "asr-stages" in cases:
-            rows.append(asr_stages(ours, theirs, ten, args.repeats))
+            n = args.stage_clips
+            rows.append(asr_stages(fd.pipeline("automatic-speech-recognition", ctc, batch_size=n),
+                                   transformers.pipeline("automatic-speech-recognition", model=ctc, batch_size=n),
+                                   ten[:n], args.repeats))
         if "text" in cases:
             rows += text_cases(tmp, bs, args)
     print(f"torch threads {torch.get_num_threads()}")
