@@ -2,53 +2,22 @@
 
     python -m benchmarks.lm_wer [--run OUTPUT_DIR] [--steps 1000] [--json out.json]
 
-Without --run it first trains (`train_tpu.py --max-steps STEPS`). The bigram LM is built here from the shipped
-training transcripts (ARPA, absolute discounting), read by kenlm through pyctcdecode. Also checks that the
-pipeline's greedy eval CER/WER equal the trainer's final eval figures.
+Without --run it first trains (`train_tpu.py --max-steps STEPS`). The bigram LM is built from the shipped
+training transcripts by `flax_data2vec.pipelines.ngram.write_arpa` (ARPA), read by kenlm through pyctcdecode.
+Also checks that the pipeline's greedy eval CER/WER equal the trainer's final eval figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
 import tempfile
-from collections import Counter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "data", "speech_digits")
-
-
-def write_arpa(path: str, sentences: list[str], discount: float = 0.5) -> str:
-    """A word bigram LM in ARPA format: absolute discounting, backing off to add-one unigrams."""
-    unigrams, bigrams = Counter(), Counter()
-    for s in sentences:
-        words = ["<s>", *s.split(), "</s>"]
-        unigrams.update(words[1:])
-        bigrams.update(zip(words, words[1:]))
-    vocab = sorted(unigrams) + ["<unk>"]
-    total = sum(unigrams.values()) + len(vocab)
-    p_uni = {w: (unigrams[w] + 1) / total for w in vocab}
-    history = Counter()
-    for (a, _), c in bigrams.items():
-        history[a] += c
-    backoff = {}
-    for a in history:
-        seen = [b for (x, b) in bigrams if x == a]
-        left = 1 - sum((bigrams[a, b] - discount) / history[a] for b in seen)
-        backoff[a] = left / (1 - sum(p_uni[b] for b in seen))
-    lines = ["\\data\\", f"ngram 1={len(vocab) + 1}", f"ngram 2={len(bigrams)}", "", "\\1-grams:",
-             f"-99\t<s>\t{math.log10(backoff['<s>']):.6f}"]
-    for w in vocab:
-        lines.append(f"{math.log10(p_uni[w]):.6f}\t{w}" + (f"\t{math.log10(backoff[w]):.6f}" if w in backoff else ""))
-    lines += ["", "\\2-grams:"]
-    lines += [f"{math.log10((c - discount) / history[a]):.6f}\t{a} {b}" for (a, b), c in sorted(bigrams.items())]
-    with open(path, "w") as f:
-        f.write("\n".join(lines + ["", "\\end\\", ""]))
-    return path
 
 
 def manifest(name: str) -> tuple[list[str], list[str]]:
@@ -67,6 +36,7 @@ def main(argv=None) -> int:
     import jiwer
 
     import flax_data2vec as fd
+    from flax_data2vec.pipelines.ngram import write_arpa
     run = args.run or os.path.join(tempfile.mkdtemp(), "run")
     if args.run is None:
         subprocess.run([sys.executable, os.path.join(ROOT, "train_tpu.py"), "--max-steps", str(args.steps),

@@ -127,13 +127,56 @@ def text_cases(tmp: str, bs: int, args) -> list[dict]:
     return rows
 
 
+def asr_stages(ours, theirs, clips, repeats: int) -> dict:
+    """Median seconds of each stage of one ASR call on `clips` (one batch, compiled first), ours and theirs:
+    decoding inputs, feature extraction + padding, device transfer, the forward, fetching + CTC decoding."""
+    import jax
+    import torch
+
+    from flax_data2vec.pipelines.asr import Piece
+    fwd = ours.forward
+    waves = ours.waveforms(clips)
+    x, mask = ours.prepare(waves)
+    jax.block_until_ready(fwd(x, mask))  # compiled here
+    stages = {"ours_inputs": lambda: ours.waveforms(clips), "ours_features_pad": lambda: ours.prepare(waves),
+              "ours_device_put": lambda: jax.block_until_ready(jax.device_put((x, mask), fwd.batch_sharding)),
+              "ours_forward": lambda: jax.block_until_ready(fwd(x, mask))}
+    out = fwd(x, mask)
+    pieces = [Piece(i, w, None) for i, w in enumerate(waves)]
+    stages["ours_fetch_decode"] = lambda: [ours._decode(v, None, {}) for _, v in ours._finish((pieces,), out)]
+    inputs = theirs.feature_extractor([c.copy() for c in clips], sampling_rate=16000, padding=True,
+                                      return_attention_mask=True, return_tensors="pt")
+    with torch.inference_mode():
+        logits = theirs.model(**inputs).logits
+    stages["transformers_features_pad"] = lambda: theirs.feature_extractor(
+        [c.copy() for c in clips], sampling_rate=16000, padding=True, return_attention_mask=True, return_tensors="pt")
+
+    def torch_forward():
+        with torch.inference_mode():
+            return theirs.model(**inputs).logits
+    stages["transformers_forward"] = torch_forward
+    stages["transformers_decode"] = lambda: theirs.tokenizer.batch_decode(logits.argmax(-1))
+    times = {k: [] for k in stages}
+    for _ in range(repeats):
+        for k, f in stages.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    row = {"case": f"ASR stages {len(clips)} x {len(clips[0]) / 16000:.0f} s", **{k: float(np.median(v))
+                                                                               for k, v in times.items()}}
+    print("  ".join(f"{k} {v:.3f}" if isinstance(v, float) else v for k, v in row.items()), flush=True)
+    return row
+
+
 def main(argv=None) -> int:
     import torch
     import transformers
 
     import flax_data2vec as fd
     p = base_parser(__doc__.split("\n\n")[0])
-    p.add_argument("--cases", default="asr-eval,asr-10s,text", help="comma-separated: asr-eval, asr-10s, text")
+    p.add_argument("--cases", default="asr-eval,asr-10s,text",
+                   help="comma-separated: asr-eval, asr-10s, asr-stages (where the time goes), text")
+    p.add_argument("--stage-clips", type=int, default=8, help="clips of 10 s (one batch) for asr-stages")
     args = p.parse_args(argv)
     cases = set(args.cases.split(","))
     args.repeats = 3 if args.repeats == 5 else args.repeats
@@ -155,6 +198,11 @@ def main(argv=None) -> int:
         ten = [np.random.default_rng(i).standard_normal(160000).astype(np.float32) * 0.1 for i in range(bs)]
         if "asr-10s" in cases:
             rows.append(compare("ASR 8 x 10 s", "audio-s", 80.0, Call(ours, ten), Call(theirs, ten), args.repeats))
+        if "asr-stages" in cases:
+            n = args.stage_clips
+            rows.append(asr_stages(fd.pipeline("automatic-speech-recognition", ctc, batch_size=n),
+                                   transformers.pipeline("automatic-speech-recognition", model=ctc, batch_size=n),
+                                   ten[:n], args.repeats))
         if "text" in cases:
             rows += text_cases(tmp, bs, args)
     print(f"torch threads {torch.get_num_threads()}")

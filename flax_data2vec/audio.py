@@ -152,13 +152,19 @@ def grouped_conv1d(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dil
 
 
 class PositionalConvEmbedding(ConfigModule):
-    """`num_conv_pos_embeddings` grouped convs, each -> parameter-free LayerNorm -> GELU (no weight norm)."""
+    """`num_conv_pos_embeddings` grouped convs, each -> parameter-free LayerNorm -> GELU (no weight norm).
+
+    With `frame_mask`, each conv's input is zeroed past the real frames, so that every conv sees the zeros it
+    sees at the end of an unpadded clip (without it, padding leaks in from the second conv on, as in the reference).
+    """
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, frame_mask: Array | None = None) -> Array:
         c = self.config
         k = c.conv_pos_kernel_size
         for j in range(c.num_conv_pos_embeddings):
+            if frame_mask is not None:
+                x = jnp.where(frame_mask[:, :, None], x, 0).astype(x.dtype)
             x = nn.Conv(c.hidden_size, (k,), padding=[(k // 2, k // 2)],
                         feature_group_count=c.num_conv_pos_embedding_groups, dtype=self.dtype,
                         param_dtype=self.param_dtype, kernel_init=nn.initializers.he_normal(),
@@ -192,6 +198,7 @@ class AudioEncoder(ModelOptions):
     """Positional convs + LayerNorm + dropout, then the Transformer layers (padded frames zeroed first)."""
 
     frame_multiple: int = 1
+    padding_invariant: bool = False
 
     @nn.compact
     def __call__(self, x: Array, frame_mask: Array | None, deterministic: bool = True,
@@ -200,8 +207,9 @@ class AudioEncoder(ModelOptions):
         if frame_mask is not None:
             x = jnp.where(frame_mask[:, :, None], x, 0)
         # The reference leaks the amount of padding into real frames through these convs
-        # (transformers#25621, kept for fairseq parity); so do we.
-        x = x + PositionalConvEmbedding(c, self.dtype, self.param_dtype, name="pos_conv_embed")(x)
+        # (transformers#25621, kept for fairseq parity); so do we, unless padding_invariant.
+        pos_mask = frame_mask if self.padding_invariant else None
+        x = x + PositionalConvEmbedding(c, self.dtype, self.param_dtype, name="pos_conv_embed")(x, pos_mask)
         x = layer_norm(c.layer_norm_eps, "layer_norm", self.dtype, self.param_dtype)(x)
         x = nn.Dropout(c.hidden_dropout)(x, deterministic=deterministic)
         stack = TransformerStack(
@@ -250,12 +258,15 @@ class Data2VecAudioModel(ModelOptions):
     """The bare Data2Vec audio encoder: `last_hidden_state` (batch, frames, hidden) and `extract_features`.
 
     `freeze_feature_encoder=True` stops gradients at the CNN output (no backward pass through it).
+    `padding_invariant=True`: a padded clip's real frames get the outputs the clip gives alone (the reference's
+    positional convs read padded frames, transformers#25621); False (default) matches the reference's batches.
     SpecAugment: pass `mask_time_indices`, or train (`deterministic=False`) with `mask_time_prob > 0`;
     the mask is then drawn from the `'mask'` PRNG stream (falling back to `'dropout'`).
     """
 
     freeze_feature_encoder: bool = False
     frame_multiple: int = 1  # run attention on frames padded to this multiple (128 for cuDNN); outputs unchanged
+    padding_invariant: bool = False
 
     @nn.compact
     def __call__(self, input_values: Array, attention_mask: Array | None = None,
@@ -275,7 +286,8 @@ class Data2VecAudioModel(ModelOptions):
         projected, extract_features = FeatureProjection(c, **kw, name="feature_projection")(features, deterministic)
         hidden = self._mask(projected, frame_mask, mask_time_indices, deterministic)
 
-        encoder = AudioEncoder(c, **self.options, frame_multiple=self.frame_multiple, name="encoder")
+        encoder = AudioEncoder(c, **self.options, frame_multiple=self.frame_multiple,
+                               padding_invariant=self.padding_invariant, name="encoder")
         last, hidden_states, extras = encoder(hidden, frame_mask, deterministic, output_attentions)
         if c.add_adapter:
             last = Adapter(c, **kw, name="adapter")(last)

@@ -35,10 +35,12 @@ class _AudioHead(ModelOptions):
 
     freeze_feature_encoder: bool = False
     frame_multiple: int = 1  # see Data2VecAudioModel
+    padding_invariant: bool = False  # see Data2VecAudioModel
 
     def encode(self, input_values, attention_mask, mask_time_indices, deterministic, output_attentions,
                output_hidden_states, weighted: bool):
         base = Data2VecAudioModel(**self.options, config=self.config, frame_multiple=self.frame_multiple,
+                                  padding_invariant=self.padding_invariant,
                                   freeze_feature_encoder=self.freeze_feature_encoder, name="data2vec_audio")
         out = base(input_values, attention_mask, mask_time_indices, deterministic=deterministic,
                    output_attentions=output_attentions,

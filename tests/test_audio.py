@@ -9,6 +9,7 @@ import transformers
 from conftest import assert_close  # noqa: E402
 
 import flax_data2vec as fd
+from flax_data2vec.audio import conv_output_lengths
 from flax_data2vec.weights import audio_weight_table, scan_params, to_state_dict
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
@@ -279,3 +280,18 @@ def test_frame_multiple_pads_attention_without_changing_outputs():
     g_pad = jax.grad(lambda p: padded.apply({"params": p}, x, mask, labels).loss)(params)
     for a, b in zip(jax.tree_util.tree_leaves(g_ref), jax.tree_util.tree_leaves(g_pad)):
         assert_close("grad", a, b)
+
+
+def test_padding_invariant_gives_each_clip_its_unpadded_outputs():
+    """The positional convs read padded frames (transformers#25621); with padding_invariant=True each conv's
+    input is zeroed past the real frames, so a padded clip's real frames equal the clip's outputs alone."""
+    _, module, params = build("Data2VecAudioModel")
+    x, mask = audio_batch()
+    frames = conv_output_lengths(module.config, mask.sum(-1))
+    leaky = module.apply({"params": params}, x, mask).last_hidden_state
+    batched = module.clone(padding_invariant=True).apply({"params": params}, x, mask).last_hidden_state
+    for i in range(len(x)):
+        alone = module.apply({"params": params}, x[i:i + 1, :int(mask[i].sum())]).last_hidden_state[0]
+        assert_close(f"row {i}", batched[i, :frames[i]], alone)
+        if i:  # padded rows: the reference's (default) batched outputs differ from the clip alone
+            assert float(jnp.abs(leaky[i, :frames[i]] - alone).max()) > 1e-3

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 
-from .base import Model, Pipeline, Stats, resolve_model
+from .base import Model, Pipeline, Stats, check_parallel, resolve_model
 
 # task -> (module, class, the architecture loaded for it; None: the checkpoint's own)
 TASKS = {
@@ -30,11 +30,13 @@ ALIASES = {"ner": "token-classification", "sentiment-analysis": "text-classifica
            "asr": "automatic-speech-recognition"}
 
 
-def pipeline(task: str, model, *, batch_size: int = 8, dtype=None, devices=None, mesh=None, **task_options) -> Pipeline:
+def pipeline(task: str, model, *, batch_size: int = 8, dtype=None, devices=None, mesh=None, parallel: str = "jit",
+             **task_options) -> Pipeline:
     """A pipeline for `task` on `model`, with transformers' task names, call arguments and outputs.
 
     batch_size: rows per compiled call (rounded up to a multiple of the device count); dtype: compute dtype
-    (e.g. jnp.bfloat16); devices / mesh: where the batch is split (default all local devices, a 'data' axis).
+    (e.g. jnp.bfloat16); devices / mesh: where the batch is split (default all local devices, a 'data' axis);
+    parallel: 'jit' (one program over the mesh) or 'pmap' (one replica per device).
     task_options: the task's own (tokenizer=, feature_extractor=, lm=, top_k=, aggregation_strategy=, ...).
     """
     task = ALIASES.get(task, task)
@@ -44,9 +46,10 @@ def pipeline(task: str, model, *, batch_size: int = 8, dtype=None, devices=None,
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
         raise ValueError(f"unknown task {task!r}{hint} Tasks: {', '.join(TASKS)}")
     module_name, class_name, architecture = TASKS[task]
+    check_parallel(parallel)
     cls = getattr(importlib.import_module(f".{module_name}", __name__), class_name)
     resolved = resolve_model(model, architecture=architecture, dtype=dtype)
-    return cls(resolved, batch_size=batch_size, devices=devices, mesh=mesh, **task_options)
+    return cls(resolved, batch_size=batch_size, devices=devices, mesh=mesh, parallel=parallel, **task_options)
 
 
 def embed(inputs, model, **options):

@@ -137,7 +137,7 @@ class AutomaticSpeechRecognitionPipeline(AudioPipeline):
 
     def _finish(self, prepared, out):
         batch = prepared[0]
-        out = np.asarray(jax.device_get(out))
+        out = self.forward.fetch(out)
         frames = conv_output_lengths(self.config, np.array([len(p.samples) for p in batch]))
         return [(p, kept_frames(out[i, :frames[i]], p.stride, self.align_to)) for i, p in enumerate(batch)]
 

@@ -12,7 +12,7 @@ import numpy as np
 from .. import processors
 from ..audio import conv_output_lengths
 from .base import Model, Pipeline, bucket, length_batches, pad_rows, run_overlapped
-from .inputs import check_long_enough, padding_invariant, to_waveform
+from .inputs import check_long_enough, to_waveform
 
 
 class AudioPipeline(Pipeline):
@@ -20,16 +20,14 @@ class AudioPipeline(Pipeline):
 
     def __init__(self, model: Model, *, feature_extractor=None, padding_invariant: bool = True, **kw):
         self.feature_extractor = processors.feature_extractor(model.directory, feature_extractor)
-        self.invariant = padding_invariant
+        # a clip gives the outputs it gives alone (what transformers' pipeline computes at batch size 1)
+        if hasattr(model.module, "padding_invariant"):
+            model = Model(model.module.clone(padding_invariant=padding_invariant), model.params, model.directory)
         super().__init__(model, **kw)
         self.sampling_rate = self.feature_extractor.sampling_rate
 
     def apply(self, params, x, mask, **kw):
-        """module.apply on a padded batch; inside `padding_invariant` unless switched off."""
-        if not self.invariant:
-            return self.module.apply({"params": params}, x, mask, **kw)
-        with padding_invariant(self.config, mask):
-            return self.module.apply({"params": params}, x, mask, **kw)
+        return self.module.apply({"params": params}, x, mask, **kw)
 
     def waveforms(self, items: list) -> list[np.ndarray]:
         """Every input decoded and resampled (in threads) before anything runs: bad input fails first."""
@@ -55,7 +53,7 @@ class AudioPipeline(Pipeline):
             return idx, self.prepare([waves[i] for i in idx])
 
         def finish(prepared, out):
-            out = jax.tree_util.tree_map(np.asarray, jax.device_get(out))
+            out = self.forward.fetch(out)
             return [(i, jax.tree_util.tree_map(lambda a, k=k: a[k], out)) for k, i in enumerate(prepared[0])]
         done = run_overlapped(length_batches([len(w) for w in waves], self.batch_size), prepare,
                               lambda p: self.forward(*p[1]), finish, self.stats)

@@ -1,5 +1,6 @@
 """What every pipeline shares: model resolution, bucketed shapes, one compiled forward per shape on a data
-mesh of all local devices, host work in background threads, and compile time counted apart from run time."""
+mesh of all local devices (jit, or pmap where asked), host work in background threads, and compile time counted
+apart from run time."""
 
 from __future__ import annotations
 
@@ -48,32 +49,53 @@ def make_mesh(devices: Sequence[jax.Device] | None = None, mesh: Mesh | None = N
     return Mesh(np.array(list(devices or jax.local_devices())), ("data",))
 
 
+def check_parallel(parallel: str) -> str:
+    if parallel not in ("jit", "pmap"):
+        raise ValueError(f"parallel must be 'jit' or 'pmap', got {parallel!r}")
+    return parallel
+
+
 class Forward:
     """`fn(params, *batch)` compiled once per input shape (ahead of time, so compiling is timed on its own),
-    params replicated and the batch split over the mesh's 'data' axis."""
+    params replicated and the batch split over the mesh's 'data' axis: by `jax.jit` with shardings, or by
+    `jax.pmap` over the mesh's devices (each device gets batch / devices rows)."""
 
-    def __init__(self, fn: Callable, params, mesh: Mesh):
-        self.mesh = mesh
+    def __init__(self, fn: Callable, params, mesh: Mesh, parallel: str = "jit"):
+        if check_parallel(parallel) == "pmap" and mesh.devices.size != mesh.shape["data"]:
+            raise ValueError(f"parallel='pmap' splits the batch over devices only; got a mesh {dict(mesh.shape)}")
+        self.mesh, self.parallel = mesh, parallel
         self.data_size = mesh.shape["data"]
-        replicated = NamedSharding(mesh, PartitionSpec())
+        self.params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
         self.batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
-        self.params = jax.device_put(params, replicated)
-        self._jit = jax.jit(fn)
+        if parallel == "pmap":
+            self._jit = jax.pmap(lambda batch, p: fn(p, *batch), in_axes=(0, None), devices=list(mesh.devices.flat))
+        else:
+            self._jit = jax.jit(lambda batch, p: fn(p, *batch))
         self._compiled: dict[tuple, Any] = {}
         self.stats = Stats()
 
     def __call__(self, *arrays: np.ndarray):
-        """Device outputs (dispatched, not waited for) of one host batch; its size must divide by the mesh."""
+        """Device outputs (dispatched, not waited for) of one host batch; its size must divide by the mesh.
+        Read them with `fetch`."""
         key = tuple((a.shape, a.dtype.str) for a in arrays)
+        if self.parallel == "pmap":  # (batch, ...) -> (devices, batch / devices, ...)
+            arrays = tuple(a.reshape(self.data_size, -1, *a.shape[1:]) for a in arrays)
         args = jax.device_put(arrays, self.batch_sharding)
         compiled = self._compiled.get(key)
         if compiled is None:
             t0 = time.perf_counter()
-            compiled = self._compiled[key] = self._jit.lower(self.params, *args).compile()
+            compiled = self._compiled[key] = self._jit.lower(args, self.params).compile()
             self.stats.compile_s += time.perf_counter() - t0
             self.stats.compiles += 1
         self.stats.batches += 1
-        return compiled(self.params, *args)
+        return compiled(args, self.params)
+
+    def fetch(self, out):
+        """The outputs of `__call__` as numpy arrays of (batch, ...), waiting for the device."""
+        out = jax.tree_util.tree_map(np.asarray, jax.device_get(out))
+        if self.parallel == "pmap":
+            out = jax.tree_util.tree_map(lambda a: a.reshape(-1, *a.shape[2:]), out)
+        return out
 
 
 def run_overlapped(batches: Iterable, prepare: Callable, compute: Callable, finish: Callable,
@@ -173,7 +195,7 @@ class Pipeline:
     architectures: tuple[str, ...] = ()
 
     def __init__(self, model: Model, *, batch_size: int = 8, devices=None, mesh: Mesh | None = None,
-                 **defaults):
+                 parallel: str = "jit", **defaults):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if self.architectures and model.architecture not in self.architectures:
@@ -183,7 +205,8 @@ class Pipeline:
         self.mesh = make_mesh(devices, mesh)
         self.batch_size = round_up(batch_size, self.mesh.shape["data"])  # every device gets whole rows
         self.defaults = defaults
-        self.forward = Forward(self.forward_fn, model.params, self.mesh)
+        self.parallel = parallel
+        self.forward = Forward(self.forward_fn, model.params, self.mesh, parallel)
 
     @property
     def stats(self) -> Stats:

@@ -70,11 +70,12 @@ class TextGenerationPipeline(TextPipeline):
     def _loop(self, s: Sampling) -> Forward:
         if s not in self._loops:
             self._loops[s] = Forward(lambda params, *a: self._generate(params, s, *a), self.forward.params,
-                                     self.mesh)
+                                     self.mesh, self.parallel)
         return self._loops[s]
 
-    def _generate(self, params, s: Sampling, ids, mask, seed):
-        """(batch, max_new_tokens) new token ids, pad after eos; ids/mask are left-padded prompts."""
+    def _generate(self, params, s: Sampling, ids, mask, row_keys):
+        """(batch, max_new_tokens) new token ids, pad after eos; ids/mask are left-padded prompts; each row
+        samples from its own key (batch, 2), so the draws do not depend on how rows are split over devices."""
         c, module = self.config, self.module
         batch, prompt = ids.shape
         eos = -1 if c.eos_token_id is None else c.eos_token_id
@@ -84,31 +85,30 @@ class TextGenerationPipeline(TextPipeline):
         out, mutated = module.apply({"params": params, "cache": cache}, ids, mask, position_ids=positions,
                                     decode=True, mutable=["cache"])
         next_pos = positions.max(-1, keepdims=True) + 1
-        key = jax.random.PRNGKey(seed[0])
 
-        def choose(logits, key):
+        def choose(logits, keys):
             logits = logits.astype(jnp.float32)
             if not s.do_sample:
                 return jnp.argmax(logits, -1).astype(jnp.int32)
-            return jax.random.categorical(key, filter_logits(logits, s), axis=-1).astype(jnp.int32)
+            return jax.vmap(jax.random.categorical)(keys, filter_logits(logits, s)).astype(jnp.int32)
 
         def cond(state):
             step, _, _, _, done, _, _ = state
             return (step < s.max_new_tokens) & ~done.all()
 
         def body(state):
-            step, logits, cache, pos, done, tokens, key = state
-            key, sub = jax.random.split(key)
-            token = jnp.where(done, self.pad_id, choose(logits, sub))
+            step, logits, cache, pos, done, tokens, keys = state
+            keys, subs = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
+            token = jnp.where(done, self.pad_id, choose(logits, subs))
             tokens = tokens.at[:, step].set(token)
             done = done | (token == eos)
             out, mutated = module.apply({"params": params, "cache": cache}, token[:, None],
                                         jnp.ones((batch, 1), jnp.int32), position_ids=pos, decode=True,
                                         mutable=["cache"])
-            return step + 1, out.logits[:, -1], mutated["cache"], pos + 1, done, tokens, key
+            return step + 1, out.logits[:, -1], mutated["cache"], pos + 1, done, tokens, keys
 
         tokens = jnp.full((batch, s.max_new_tokens), self.pad_id, jnp.int32)
-        state = (0, out.logits[:, -1], mutated["cache"], next_pos, jnp.zeros((batch,), bool), tokens, key)
+        state = (0, out.logits[:, -1], mutated["cache"], next_pos, jnp.zeros((batch,), bool), tokens, row_keys)
         return jax.lax.while_loop(cond, body, state)[5]
 
     def run(self, items: list, options: dict) -> list:
@@ -131,6 +131,9 @@ class TextGenerationPipeline(TextPipeline):
             raise ValueError(f"a prompt of {max(map(len, prompts))} tokens + max_new_tokens={s.max_new_tokens} "
                              f"exceeds the model's {self.max_length} positions")
         loop, new = self._loop(s), {}
+        # one key per input (and per filler row): a prompt's draw depends on the seed and its place in `items`
+        keys = np.asarray(jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(seed),
+                                                                   np.arange(len(items) + self.batch_size)))
         for idx in length_batches([len(p) for p in prompts], self.batch_size):
             width = min(bucket(max(len(prompts[i]) for i in idx), 8, 8), room)
             ids = np.full((self.batch_size, width), self.pad_id, np.int32)
@@ -140,7 +143,8 @@ class TextGenerationPipeline(TextPipeline):
                 ids[row, width - len(prompts[i]):] = prompts[i]
                 mask[row, width - len(prompts[i]):] = 1
             t0, start = loop.stats.compile_s, time.perf_counter()
-            tokens = np.asarray(jax.device_get(loop(ids, mask, np.full(self.batch_size, seed, np.uint32))))
+            rows = list(idx) + list(range(len(items), len(items) + self.batch_size - len(idx)))  # fillers last
+            tokens = loop.fetch(loop(ids, mask, keys[rows]))
             loop.stats.run_s += time.perf_counter() - start - (loop.stats.compile_s - t0)
             new.update({i: tokens[row] for row, i in enumerate(idx)})
         return [[self._output(items[i], prompts[i], new[i], full_text, as_ids)] for i in range(len(items))]

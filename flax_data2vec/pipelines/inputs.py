@@ -1,17 +1,12 @@
 """Audio inputs as transformers' pipelines take them (paths, arrays, `{"raw", "sampling_rate"}` dicts, datasets
-rows), decoded and resampled on the host without torch; and padding that leaves real frames untouched."""
+rows), decoded and resampled on the host without torch, and checked before anything runs."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 
-import flax.linen as nn
-import jax.numpy as jnp
 import numpy as np
-
-from ..audio import PositionalConvEmbedding, conv_output_lengths
 
 
 def resample(x: np.ndarray, sr: int, target_sr: int) -> np.ndarray:
@@ -79,26 +74,3 @@ def check_long_enough(x: np.ndarray, config, where: str) -> None:
     if len(x) < config.receptive_field:
         raise ValueError(f"{where} has {len(x)} samples, fewer than the model's receptive field "
                          f"({config.receptive_field} samples, {config.receptive_field / 16000:.3f} s at 16 kHz)")
-
-
-@contextlib.contextmanager
-def padding_invariant(config, attention_mask):
-    """Inside, padded audio gives its real frames exactly the outputs it would give unpadded.
-
-    The reference's positional convs read the padded frames after their first layer (transformers#25621),
-    so the same clip gives other outputs in a batch than alone. Zeroing each conv layer's input past the
-    real frames makes every conv see the zeros it sees at the end of an unpadded clip.
-    """
-    frames = conv_output_lengths(config, attention_mask.astype(jnp.int32).sum(-1))
-
-    def zero_padding(next_fun, args, kwargs, context):
-        module = context.module
-        if isinstance(module, nn.Conv) and isinstance(module.parent, PositionalConvEmbedding) \
-                and context.method_name == "__call__":
-            x = args[0]
-            real = jnp.arange(x.shape[1])[None, :, None] < frames[:, None, None]
-            args = (jnp.where(real, x, 0).astype(x.dtype),) + tuple(args[1:])
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(zero_padding):
-        yield

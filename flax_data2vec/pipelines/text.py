@@ -54,7 +54,7 @@ class TextPipeline(Pipeline):
 
         def finish(prepared, out):
             idx, _ = prepared
-            out = jax.tree_util.tree_map(np.asarray, jax.device_get(out))
+            out = self.forward.fetch(out)
             return [(i, jax.tree_util.tree_map(lambda a, k=k: a[k], out)) for k, i in enumerate(idx)]
 
         done = run_overlapped(length_batches(lengths, self.batch_size), prepare,

@@ -9,7 +9,6 @@ import numpy as np
 
 from ...audio import conv_output_lengths
 from ...ctc import ctc_loss
-from ...pipelines.inputs import padding_invariant
 from .. import data as data_lib
 from .. import models
 from .. import sources as sources_lib
@@ -42,13 +41,11 @@ def make_ctc(cfg: TrainConfig, shard_index: int = 0, num_shards: int = 1) -> Tas
     model = models.build(cfg, arch, dict(vocab_size=len(vocab), pad_token_id=0, ctc_zero_infinity=True),
                          freeze_feature_encoder=common.freeze_cnn(cfg))
     module, apply = model.module, common.forward(model.module)
+    # eval as flax_data2vec.pipeline transcribes: padding-invariant, so eval CER = pipeline CER
+    eval_apply = common.forward(module.clone(padding_invariant=True))
 
     def per_sequence(params, batch, rng, train):
-        if train:
-            out = apply(params, batch, rng, train)
-        else:  # eval as flax_data2vec.pipeline transcribes: padding-invariant, so eval CER = pipeline CER
-            with padding_invariant(module.config, batch["attention_mask"]):
-                out = apply(params, batch, rng, train)
+        out = (apply if train else eval_apply)(params, batch, rng, train)
         lengths = conv_output_lengths(module.config, batch["attention_mask"].sum(-1))
         nll = ctc_loss(out.logits, lengths, batch["labels"], module.config.pad_token_id, "none",
                        zero_infinity=True, implementation=cfg.ctc_implementation)
