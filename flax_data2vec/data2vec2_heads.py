@@ -1,9 +1,7 @@
-"""Task heads on the data2vec 2.0 encoders, and the fairseq 2.0 state-dict names of every class.
+"""Task heads on the data2vec 2.0 encoders.
 
 The heads reuse the v1 head modules where the math is the same (text LM head and classification head,
-CTC loss, cross-entropy). The state-dict naming of the 2.0 classes is fairseq's: a base model's keys are
-those of a pre-training file (`modality_encoders.AUDIO.*`, `blocks.*`); inside a head class the encoder sits
-under fairseq's fine-tuning prefixes (`w2v_encoder.w2v_model.` for CTC, `model.` for text classification).
+CTC loss, cross-entropy). Their fairseq state-dict names are `weights.data2vec2_weight_table`.
 """
 
 from __future__ import annotations
@@ -21,12 +19,9 @@ from .data2vec2 import Data2Vec2AudioModel, Data2Vec2TextModel
 from .layers import dense
 from .outputs import HeadOutput, QuestionAnsweringOutput
 from .text_heads import ClassificationHead, LMHead
-from .weights import Special, WeightTable, prefixed
+from .weights import AUDIO2_BASE, TEXT2_BASE
 
 Array = jax.Array
-AUDIO_BASE, TEXT_BASE = "data2vec2_audio", "data2vec2_text"  # flax submodule names of the encoders
-# fairseq prefixes of the encoder inside fine-tuned checkpoints (REFERENCE.md §5.5.4)
-AUDIO_PREFIX, TEXT_PREFIX = "w2v_encoder.w2v_model", "model"
 
 
 def _check_shape(name: str, value, shape: tuple) -> None:
@@ -43,7 +38,7 @@ class _Audio2Head(ModelOptions):
 
     def encode(self, input_values, attention_mask, deterministic, output_attentions, output_hidden_states):
         return Data2Vec2AudioModel(self.config, **self.options, freeze_feature_encoder=self.freeze_feature_encoder,
-                                   name=AUDIO_BASE)(input_values, attention_mask, deterministic=deterministic,
+                                   name=AUDIO2_BASE)(input_values, attention_mask, deterministic=deterministic,
                                                     output_attentions=output_attentions,
                                                     output_hidden_states=output_hidden_states)
 
@@ -98,7 +93,7 @@ class Data2Vec2AudioForSequenceClassification(_Audio2Head):
 
 class _Text2Head(ModelOptions):
     def encode(self, input_ids, attention_mask, deterministic, output_attentions, output_hidden_states):
-        encoder = Data2Vec2TextModel(self.config, **self.options, name=TEXT_BASE)
+        encoder = Data2Vec2TextModel(self.config, **self.options, name=TEXT2_BASE)
         out = encoder(input_ids, attention_mask, deterministic=deterministic, output_attentions=output_attentions,
                       output_hidden_states=output_hidden_states)
         return encoder, out
@@ -173,75 +168,6 @@ class Data2Vec2TextForQuestionAnswering(_Text2Head):
         if start_positions is not None and end_positions is not None:
             loss = losses.span_loss(start, end, start_positions, end_positions)
         return QuestionAnsweringOutput(start_logits=start, end_logits=end, loss=loss, **_outputs(out))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# fairseq 2.0 state-dict names (REFERENCE.md §5.5.3): flax module path -> fairseq module name
-# fairseq's Sequential has TransposeLast at index 0, so conv j is `relative_positional_encoder.{j + 1}`
-_MAX_POS_CONV = 32
-
-
-def _block_rules(owner: dict[str, str]) -> list[tuple[str, str]]:
-    """AltBlock names; `owner` maps the flax stack name to its fairseq prefix (main or context-encoder blocks)."""
-    rules = []
-    for stack, prefix in owner.items():
-        layer, torch = rf"{stack}/layers_(\d+)", rf"{prefix}.\1"
-        rules += [(layer + "/attention/qkv", torch + ".attn.qkv"), (layer + "/attention/out", torch + ".attn.proj"),
-                  (layer + "/attention_norm", torch + ".norm1"), (layer + "/output_norm", torch + ".norm2"),
-                  (layer + "/intermediate", torch + ".mlp.fc1"), (layer + "/output", torch + ".mlp.fc2")]
-    return rules
-
-
-_AUDIO = "modality_encoders.AUDIO"
-_TEXT = "modality_encoders.TEXT"
-AUDIO2_BASE_RULES = tuple(
-    [(r"local_encoder/conv_layers_(\d+)/conv", _AUDIO + r".local_encoder.conv_layers.\1.0"),
-     (r"local_encoder/conv_layers_(\d+)/layer_norm", _AUDIO + r".local_encoder.conv_layers.\1.2.1"),
-     ("project_features_norm", _AUDIO + ".project_features.1"),
-     ("project_features", _AUDIO + ".project_features.2"),
-     ("context_norm", _AUDIO + ".context_encoder.norm"), ("norm", "norm")]
-    + [(f"relative_positional_encoder/layers_{j}", f"{_AUDIO}.relative_positional_encoder.{j + 1}.0")
-       for j in range(_MAX_POS_CONV)]
-    + _block_rules({"blocks": "blocks", "prenet": _AUDIO + ".context_encoder.blocks"}))
-TEXT2_BASE_RULES = tuple(
-    [(r"(embed_tokens|embed_positions|layernorm_embedding)", _TEXT + r".local_encoder.\1"), ("norm", "norm")]
-    + _block_rules({"blocks": "blocks", "prenet": _TEXT + ".context_encoder.blocks"}))
-
-
-def _alibi_scale(flax_prefix: str, torch_prefix: str) -> dict:
-    """alibi_scale is (1, 1, heads, 1, 1) in fairseq (4-d in old files) and (heads,) here."""
-    return {flax_prefix + "alibi_scale": Special(
-        torch_prefix + _AUDIO + ".alibi_scale", lambda w: w.reshape(1, 1, -1, 1, 1),
-        lambda w, shape: np.asarray(w).reshape(shape) if np.size(w) == int(np.prod(shape)) else np.asarray(w))}
-
-
-AUDIO2_HEAD_RULES = {
-    "Data2Vec2AudioModel": None,
-    "Data2Vec2AudioForCTC": [("lm_head", "w2v_encoder.proj")],
-    "Data2Vec2AudioForSequenceClassification": [(r"(projector|classifier)", r"\1")],
-}
-TEXT2_HEAD_RULES = {
-    "Data2Vec2TextModel": None,
-    "Data2Vec2TextForMaskedLM": [("lm_head", "lm_head"), (r"lm_head/(dense|layer_norm)", r"lm_head.\1")],
-    "Data2Vec2TextForSequenceClassification": [
-        (r"classifier/(dense|out_proj)", r"classification_heads.sentence_classification_head.\1")],
-    "Data2Vec2TextForTokenClassification": [("classifier", "classifier")],
-    "Data2Vec2TextForQuestionAnswering": [("qa_outputs", "qa_outputs")],
-}
-
-
-def data2vec2_weight_table(class_name: str) -> WeightTable:
-    """The flax <-> fairseq 2.0 name table of one class."""
-    audio = class_name in AUDIO2_HEAD_RULES
-    heads = AUDIO2_HEAD_RULES if audio else TEXT2_HEAD_RULES
-    if class_name not in heads:
-        raise KeyError(f"unknown data2vec 2.0 class {class_name!r}")
-    base_rules = AUDIO2_BASE_RULES if audio else TEXT2_BASE_RULES
-    if heads[class_name] is None:
-        return WeightTable(base_rules, _alibi_scale("", "") if audio else {})
-    base, prefix = (AUDIO_BASE, AUDIO_PREFIX) if audio else (TEXT_BASE, TEXT_PREFIX)
-    rules = prefixed(base_rules, base, prefix) + tuple(heads[class_name])
-    return WeightTable(rules, _alibi_scale(base + "/", prefix + ".") if audio else {})
 
 
 DATA2VEC2_CLASSES = {cls.__name__: cls for cls in (

@@ -1,7 +1,7 @@
 """The twelve model classes by their transformers names, and conversion to and from PyTorch models.
 
-The data2vec 2.0 classes (`data2vec2_heads.DATA2VEC2_CLASSES`) are registered too; their state-dict naming is
-fairseq's (transformers has no 2.0 classes).
+The data2vec 2.0 classes (`data2vec2_heads.DATA2VEC2_CLASSES`) are registered too; their state-dict naming
+(`weights.data2vec2_weight_table`) is fairseq's (transformers has no 2.0 classes).
 
 `from_transformers(torch_model)` builds the matching flax module and params (config included);
 `to_transformers_state_dict(module, params)` gives back a state dict that the torch model loads strictly.
@@ -21,9 +21,12 @@ from . import audio_heads
 from .audio import Data2VecAudioModel
 from .config import Data2VecAudioConfig, Data2VecTextConfig
 from .weights import (
+    AUDIO2_PREFIX,
+    TEXT2_PREFIX,
     ConversionReport,
     WeightTable,
     audio_weight_table,
+    data2vec2_weight_table,
     from_state_dict,
     scan_params,
     text_weight_table,
@@ -86,7 +89,6 @@ def config_class(name: str) -> type:
 def weight_table(name: str, config=None) -> WeightTable:
     """The state-dict naming of class `name`; `config` decides whether the text LM decoder is tied."""
     if is_data2vec2(name):
-        from .data2vec2_heads import data2vec2_weight_table
         return data2vec2_weight_table(name)
     if is_audio(name):
         return audio_weight_table(name)
@@ -96,8 +98,7 @@ def weight_table(name: str, config=None) -> WeightTable:
 def base_prefix(name: str) -> str:
     """Submodule / state-dict prefix of the encoder inside a head class."""
     if is_data2vec2(name):
-        from .data2vec2_heads import AUDIO_PREFIX, TEXT_PREFIX
-        return AUDIO_PREFIX if is_audio(name) else TEXT_PREFIX
+        return AUDIO2_PREFIX if is_audio(name) else TEXT2_PREFIX
     return "data2vec_audio" if is_audio(name) else "data2vec_text"
 
 

@@ -3,7 +3,8 @@
 A table is a list of `(flax_regex, torch_template)` pairs over module paths (leaf name excluded),
 tried in order; the leaf is renamed and reshaped by its kind (Linear/Conv kernel, LayerNorm scale,
 embedding) unless a *special* rule names the full flax path. Both directions use the same table,
-so a name is written once. The tables of both modalities are here, as is the base <-> head merge in Flax space.
+so a name is written once. The tables of both modalities (data2vec 2.0's fairseq names too) are here, as is
+the base <-> head merge in Flax space.
 """
 
 from __future__ import annotations
@@ -237,7 +238,6 @@ def audio_weight_table(class_name: str) -> WeightTable:
     return WeightTable(rules, specials)
 
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # the text classes' names in transformers' state dict
 def _encoder_rules(p: str, t: str) -> list[tuple[str, str]]:
@@ -277,6 +277,80 @@ def text_weight_table(class_name: str, tie_word_embeddings: bool = True) -> Weig
         tied = {"lm_head.decoder.weight": p + "embeddings/word_embeddings/embedding",
                 "lm_head.decoder.bias": "lm_head/bias"}
     return WeightTable(rules, tied=tied, ignored_torch=(t + "embeddings.position_ids", t + "embeddings.token_type_ids"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the data2vec 2.0 classes' names in fairseq's state dicts (REFERENCE.md §5.5.3; transformers has no 2.0
+# classes): a base model's keys are those of a pre-training file (`modality_encoders.AUDIO.*`, `blocks.*`);
+# inside a head class the encoder sits under fairseq's fine-tuning prefixes
+AUDIO2_BASE, TEXT2_BASE = "data2vec2_audio", "data2vec2_text"  # flax submodule names of the encoders
+# fairseq prefixes of the encoder inside fine-tuned checkpoints (REFERENCE.md §5.5.4)
+AUDIO2_PREFIX, TEXT2_PREFIX = "w2v_encoder.w2v_model", "model"
+# fairseq's Sequential has TransposeLast at index 0, so conv j is `relative_positional_encoder.{j + 1}`
+_MAX_POS_CONV = 32
+
+
+def _block_rules(owner: dict[str, str]) -> list[tuple[str, str]]:
+    """AltBlock names; `owner` maps the flax stack name to its fairseq prefix (main or context-encoder blocks)."""
+    rules = []
+    for stack, prefix in owner.items():
+        layer, torch = rf"{stack}/layers_(\d+)", rf"{prefix}.\1"
+        rules += [(layer + "/attention/qkv", torch + ".attn.qkv"), (layer + "/attention/out", torch + ".attn.proj"),
+                  (layer + "/attention_norm", torch + ".norm1"), (layer + "/output_norm", torch + ".norm2"),
+                  (layer + "/intermediate", torch + ".mlp.fc1"), (layer + "/output", torch + ".mlp.fc2")]
+    return rules
+
+
+_AUDIO = "modality_encoders.AUDIO"
+_TEXT = "modality_encoders.TEXT"
+AUDIO2_BASE_RULES = tuple(
+    [(r"local_encoder/conv_layers_(\d+)/conv", _AUDIO + r".local_encoder.conv_layers.\1.0"),
+     (r"local_encoder/conv_layers_(\d+)/layer_norm", _AUDIO + r".local_encoder.conv_layers.\1.2.1"),
+     ("project_features_norm", _AUDIO + ".project_features.1"),
+     ("project_features", _AUDIO + ".project_features.2"),
+     ("context_norm", _AUDIO + ".context_encoder.norm"), ("norm", "norm")]
+    + [(f"relative_positional_encoder/layers_{j}", f"{_AUDIO}.relative_positional_encoder.{j + 1}.0")
+       for j in range(_MAX_POS_CONV)]
+    + _block_rules({"blocks": "blocks", "prenet": _AUDIO + ".context_encoder.blocks"}))
+TEXT2_BASE_RULES = tuple(
+    [(r"(embed_tokens|embed_positions|layernorm_embedding)", _TEXT + r".local_encoder.\1"), ("norm", "norm")]
+    + _block_rules({"blocks": "blocks", "prenet": _TEXT + ".context_encoder.blocks"}))
+
+
+def _alibi_scale(flax_prefix: str, torch_prefix: str) -> dict:
+    """alibi_scale is (1, 1, heads, 1, 1) in fairseq (4-d in old files) and (heads,) here."""
+    return {flax_prefix + "alibi_scale": Special(
+        torch_prefix + _AUDIO + ".alibi_scale", lambda w: w.reshape(1, 1, -1, 1, 1),
+        lambda w, shape: np.asarray(w).reshape(shape) if np.size(w) == int(np.prod(shape)) else np.asarray(w))}
+
+
+AUDIO2_HEAD_RULES = {
+    "Data2Vec2AudioModel": None,
+    "Data2Vec2AudioForCTC": [("lm_head", "w2v_encoder.proj")],
+    "Data2Vec2AudioForSequenceClassification": [(r"(projector|classifier)", r"\1")],
+}
+TEXT2_HEAD_RULES = {
+    "Data2Vec2TextModel": None,
+    "Data2Vec2TextForMaskedLM": [("lm_head", "lm_head"), (r"lm_head/(dense|layer_norm)", r"lm_head.\1")],
+    "Data2Vec2TextForSequenceClassification": [
+        (r"classifier/(dense|out_proj)", r"classification_heads.sentence_classification_head.\1")],
+    "Data2Vec2TextForTokenClassification": [("classifier", "classifier")],
+    "Data2Vec2TextForQuestionAnswering": [("qa_outputs", "qa_outputs")],
+}
+
+
+def data2vec2_weight_table(class_name: str) -> WeightTable:
+    """The flax <-> fairseq 2.0 name table of one class."""
+    audio = class_name in AUDIO2_HEAD_RULES
+    heads = AUDIO2_HEAD_RULES if audio else TEXT2_HEAD_RULES
+    if class_name not in heads:
+        raise KeyError(f"unknown data2vec 2.0 class {class_name!r}")
+    base_rules = AUDIO2_BASE_RULES if audio else TEXT2_BASE_RULES
+    if heads[class_name] is None:
+        return WeightTable(base_rules, _alibi_scale("", "") if audio else {})
+    base, prefix = (AUDIO2_BASE, AUDIO2_PREFIX) if audio else (TEXT2_BASE, TEXT2_PREFIX)
+    rules = prefixed(base_rules, base, prefix) + tuple(heads[class_name])
+    return WeightTable(rules, _alibi_scale(base + "/", prefix + ".") if audio else {})
 
 
 class MergeReport(NamedTuple):

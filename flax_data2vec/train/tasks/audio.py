@@ -38,8 +38,7 @@ def make_ctc(cfg: TrainConfig, shard_index: int = 0, num_shards: int = 1) -> Tas
     vocab = ctc_vocab(cfg, [r.get("text", "") for r in train.rows])
     train_ds, eval_ds = _audio_datasets(cfg, train, evaluation, vocab=vocab)
     train_data, eval_data = common.audio_iterators(cfg, train_ds, eval_ds, shard_index, num_shards)
-    model = models.build(cfg, arch, dict(vocab_size=len(vocab), pad_token_id=0, ctc_zero_infinity=True),
-                         freeze_feature_encoder=common.freeze_cnn(cfg))
+    model = common.audio_model(cfg, arch, dict(vocab_size=len(vocab), pad_token_id=0, ctc_zero_infinity=True))
     module, apply = model.module, common.forward(model.module)
     # eval as flax_data2vec.pipeline transcribes: padding-invariant, so eval CER = pipeline CER
     eval_apply = common.forward(module.clone(padding_invariant=True))
@@ -75,15 +74,10 @@ def make_ctc(cfg: TrainConfig, shard_index: int = 0, num_shards: int = 1) -> Tas
         return metrics
 
     from_scratch = cfg.model in models.PRESETS  # 1e-3 and a longer hold; fine-tuning: fairseq base_960h
-    return Task(
-        name=cfg.task, architecture=arch, module=module, init=lambda: model.params,
-        optimizer=common.adamw(cfg, 1e-3 if from_scratch else 1e-4, "tri_stage",
-                               common.fine_tuning_labels(cfg, arch, common.freeze_cnn(cfg)),
-                               (0.1, 0.7, 0.2) if from_scratch else (0.1, 0.4, 0.5)),
-        loss=loss, eval_step=eval_step, eval_metrics=eval_metrics, train_data=train_data, eval_data=eval_data,
-        export=common.export_as(module), save_assets=vocab.save,
-        identity=common.identity(cfg, arch, module),
-        best_metric="eval_cer", notes=(model.note, common.data_note(train, evaluation)))
+    return common.fine_tuning_task(cfg, arch, model, (train, evaluation), (train_data, eval_data), (loss, eval_step),
+                                   eval_metrics, lr=1e-3 if from_scratch else 1e-4, schedule="tri_stage",
+                                   ratios=(0.1, 0.7, 0.2) if from_scratch else (0.1, 0.4, 0.5),
+                                   best=("eval_cer", "min"), save_assets=vocab.save)
 
 
 def make_audio_classification(cfg: TrainConfig, shard_index: int = 0, num_shards: int = 1) -> Task:
@@ -93,12 +87,7 @@ def make_audio_classification(cfg: TrainConfig, shard_index: int = 0, num_shards
     label_map = sources_lib.label_map(train)
     train_ds, eval_ds = _audio_datasets(cfg, train, evaluation, label_map=label_map)
     train_data, eval_data = common.audio_iterators(cfg, train_ds, eval_ds, shard_index, num_shards)
-    model = models.build(cfg, arch, dict(id2label=label_map.id2label), freeze_feature_encoder=common.freeze_cnn(cfg))
-    loss, eval_step = common.classification_steps(common.forward(model.module))
-    return Task(
-        name=cfg.task, architecture=arch, module=model.module, init=lambda: model.params,
-        optimizer=common.adamw(cfg, 3e-4, "linear", common.fine_tuning_labels(cfg, arch, common.freeze_cnn(cfg))),
-        loss=loss, eval_step=eval_step, eval_metrics=common.classification_eval, train_data=train_data,
-        eval_data=eval_data, export=common.export_as(model.module),
-        identity=common.identity(cfg, arch, model.module),
-        best_metric="eval_accuracy", best_mode="max", notes=(model.note, common.data_note(train, evaluation)))
+    model = common.audio_model(cfg, arch, dict(id2label=label_map.id2label))
+    return common.fine_tuning_task(cfg, arch, model, (train, evaluation), (train_data, eval_data),
+                                   common.classification_steps(common.forward(model.module)),
+                                   common.classification_eval, lr=3e-4, best=("eval_accuracy", "max"))

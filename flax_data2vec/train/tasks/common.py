@@ -15,8 +15,9 @@ from .. import data as data_lib
 from .. import sources as sources_lib
 from ..config import REPO_DATA, TrainConfig
 from ..input_pipeline import BatchIterator
-from ..models import PRESETS
+from ..models import PRESETS, TaskModel, build
 from ..optim import make_optimizer, make_schedule
+from ..task import Task, no_assets
 
 EVAL_MASK_SEED = 12345  # eval batches get the same host-side masks at every evaluation
 
@@ -69,6 +70,23 @@ def iterators(cfg: TrainConfig, train_ds, eval_ds, *, multiple: int, shard_index
     return train_data, eval_data
 
 
+class LabelledAudio:
+    """Audio examples (`data.AudioDataset`) with one label array per example, for the batch iterator."""
+
+    pad_value = 0.0
+
+    def __init__(self, audio: data_lib.AudioDataset, targets: list[np.ndarray]):
+        self.audio, self.targets = audio, targets
+        self.lengths = audio.lengths
+        self.label_lengths = np.array([len(t) for t in targets])
+
+    def __len__(self) -> int:
+        return len(self.audio)
+
+    def load(self, i: int, rng: np.random.Generator | None = None) -> dict:
+        return {**self.audio.load(i, rng), "labels": self.targets[i]}
+
+
 def audio_iterators(cfg: TrainConfig, train_ds, eval_ds, shard_index: int, num_shards: int,
                     prepare: Callable | None = None, crop_to_shortest: bool = False) -> tuple[Callable, Callable]:
     """Audio batches in multiples of 320 samples (one frame): padded, or cropped to the shortest row."""
@@ -117,6 +135,11 @@ def freeze_cnn(cfg: TrainConfig) -> bool:
     return cfg.freeze_feature_encoder and cfg.model not in PRESETS
 
 
+def audio_model(cfg: TrainConfig, architecture: str, changes: dict) -> TaskModel:
+    """An audio task's model (`models.build`), its CNN's backward pass skipped when the CNN is frozen."""
+    return build(cfg, architecture, changes, freeze_feature_encoder=freeze_cnn(cfg))
+
+
 def fine_tuning_labels(cfg: TrainConfig, architecture: str, freeze_cnn: bool) -> Callable[[tuple], str]:
     """Optimizer label of each param: the CNN frozen (audio, when asked), the encoder delayed for
     --freeze-encoder-steps, the head trained from the start."""
@@ -145,6 +168,14 @@ def forward(module, inputs_key: str = "input_values") -> Callable:
         return module.apply({"params": params}, batch[inputs_key], batch["attention_mask"], deterministic=not train,
                             rngs={"dropout": rng} if train else None, **kwargs)
     return apply
+
+
+def loss_eval_step(loss: Callable) -> Callable:
+    """The eval_step of a task scored by its loss alone: (sum, count) without dropout."""
+    def eval_step(params, extra, batch):
+        total, count, _ = loss(params, extra, batch, None, False)
+        return {"loss_sum": total, "count": count}
+    return eval_step
 
 
 def real_rows(labels, example_mask):
@@ -219,3 +250,26 @@ def export_as(module) -> Callable:
     def export(params):
         return module, params
     return export
+
+
+# ----------------------------------------------------------------------------- the task
+def fine_tuning_task(cfg: TrainConfig, architecture: str, model: TaskModel,
+                     sources: tuple[sources_lib.Split, sources_lib.Split], data: tuple[Callable, Callable],
+                     steps: tuple[Callable, Callable], eval_metrics: Callable, *, lr: float,
+                     schedule: str = "linear", ratios: tuple[float, float, float] = (0.1, 0.4, 0.5),
+                     best: tuple[str, str] = ("eval_loss", "min"), save_assets: Callable[[str], None] = no_assets,
+                     data_detail: str = "") -> Task:
+    """The `Task` of fine-tuning `model` (a head on the shared encoder): AdamW by param label (the CNN frozen for
+    audio checkpoints), the trained module exported as it is, the log naming model and data. A task file states
+    only its data (`sources`, the (train, eval) iterators `data`), its (loss, eval_step) `steps`, its metrics,
+    learning rate and schedule, the metric that picks the best checkpoint, and the assets saved beside it."""
+    train, evaluation = sources
+    frozen_cnn = registry.is_audio(architecture) and freeze_cnn(cfg)
+    loss, eval_step = steps
+    return Task(
+        name=cfg.task, architecture=architecture, module=model.module, init=lambda: model.params,
+        optimizer=adamw(cfg, lr, schedule, fine_tuning_labels(cfg, architecture, frozen_cnn), ratios),
+        loss=loss, eval_step=eval_step, eval_metrics=eval_metrics, train_data=data[0], eval_data=data[1],
+        export=export_as(model.module), identity=identity(cfg, architecture, model.module),
+        best_metric=best[0], best_mode=best[1], save_assets=save_assets,
+        notes=(model.note, data_note(train, evaluation) + data_detail))

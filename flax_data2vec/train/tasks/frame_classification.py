@@ -16,7 +16,6 @@ import numpy as np
 
 from ...audio import conv_output_lengths
 from .. import data as data_lib
-from .. import models
 from ..config import TrainConfig
 from ..task import Task
 from . import common
@@ -62,25 +61,12 @@ def segment_sources(cfg: TrainConfig):
     return train, evaluation
 
 
-class FrameDataset:
-    """Audio examples (data.AudioDataset) with per-frame class ids for `data.BatchIterator`."""
-
-    pad_value = 0.0
-
-    def __init__(self, rows: list[dict], config, label_map: data_lib.LabelMap, max_samples: int):
-        self.audio = data_lib.AudioDataset(rows, max_samples=max_samples)
-        self.lengths = self.audio.lengths
-        frames = conv_output_lengths(config, self.lengths)
-        seconds = config.inputs_to_logits_ratio / self.audio.target_sr
-        self.targets = [frame_labels(r["segments"], int(n), seconds, label_map)
-                        for r, n in zip(self.audio.rows, frames)]
-        self.label_lengths = np.array([len(t) for t in self.targets])
-
-    def __len__(self) -> int:
-        return len(self.audio)
-
-    def load(self, i: int, rng: np.random.Generator | None = None) -> dict:
-        return {**self.audio.load(i, rng), "labels": self.targets[i]}
+def frame_dataset(rows: list[dict], config, label_map: data_lib.LabelMap, max_samples: int) -> common.LabelledAudio:
+    """Audio examples with per-frame class ids (one per model frame of each utterance)."""
+    audio = data_lib.AudioDataset(rows, max_samples=max_samples)
+    seconds = config.inputs_to_logits_ratio / audio.target_sr
+    return common.LabelledAudio(audio, [frame_labels(r["segments"], int(n), seconds, label_map)
+                                        for r, n in zip(audio.rows, conv_output_lengths(config, audio.lengths))])
 
 
 def frame_scores(outputs: list[dict], num_labels: int) -> np.ndarray:
@@ -106,9 +92,10 @@ def make_audio_frame_classification(cfg: TrainConfig, shard_index: int = 0, num_
     arch = "Data2VecAudioForAudioFrameClassification"
     train, evaluation = segment_sources(cfg)
     label_map = data_lib.LabelMap.from_labels(s["label"] for r in train.rows for s in r["segments"])
-    model = models.build(cfg, arch, dict(id2label=label_map.id2label), freeze_feature_encoder=common.freeze_cnn(cfg))
+    model = common.audio_model(cfg, arch, dict(id2label=label_map.id2label))
     max_samples = int(cfg.max_audio_seconds * 16000)
-    train_ds, eval_ds = (FrameDataset(s.rows, model.module.config, label_map, max_samples) for s in (train, evaluation))
+    train_ds, eval_ds = (frame_dataset(s.rows, model.module.config, label_map, max_samples)
+                         for s in (train, evaluation))
     train_data, eval_data = common.audio_iterators(cfg, train_ds, eval_ds, shard_index, num_shards)
     loss, eval_step = common.labelling_steps(common.forward(model.module))
 
@@ -116,9 +103,5 @@ def make_audio_frame_classification(cfg: TrainConfig, shard_index: int = 0, num_
         return {**common.mean_eval_loss(outputs),
                 **confusion_metrics(frame_scores(outputs, len(label_map)), label_map.names)}
 
-    return Task(
-        name=cfg.task, architecture=arch, module=model.module, init=lambda: model.params,
-        optimizer=common.adamw(cfg, 3e-4, "linear", common.fine_tuning_labels(cfg, arch, common.freeze_cnn(cfg))),
-        loss=loss, eval_step=eval_step, eval_metrics=eval_metrics, train_data=train_data, eval_data=eval_data,
-        export=common.export_as(model.module), identity=common.identity(cfg, arch, model.module),
-        best_metric="eval_macro_f1", best_mode="max", notes=(model.note, common.data_note(train, evaluation)))
+    return common.fine_tuning_task(cfg, arch, model, (train, evaluation), (train_data, eval_data), (loss, eval_step),
+                                   eval_metrics, lr=3e-4, best=("eval_macro_f1", "max"))

@@ -97,17 +97,13 @@ def _task(cfg, p, student, dummy, loaded, student_loss, train_data, eval_data, b
         _, count, stats = d2v.data2vec_loss(pred, targets, batch["mask"], p.loss_beta, p.loss_scale)
         return stats["loss_sum"], count, {"target_var": stats["target_var"], "pred_var": stats["pred_var"]}
 
-    def eval_step(params, extra, batch):
-        total, count, _ = loss(params, extra, batch, None, False)
-        return {"loss_sum": total, "count": count}
-
     def export(params):
         module = registry.model_class(base_architecture)(config=config, **export_options)
         return module, params["backbone"]
 
     return Task(name=cfg.task, architecture=base_architecture, module=student, init=init, optimizer=optimizer,
-                loss=loss, eval_step=eval_step, eval_metrics=common.mean_eval_loss, train_data=train_data,
-                eval_data=eval_data, export=export, save_assets=save_assets,
+                loss=loss, eval_step=common.loss_eval_step(loss), eval_metrics=common.mean_eval_loss,
+                train_data=train_data, eval_data=eval_data, export=export, save_assets=save_assets,
                 identity={"task": cfg.task, "config": config.to_dict(), "pretrain": dataclasses.asdict(p)},
                 notes=notes, **_teacher_step(p))
 

@@ -218,11 +218,8 @@ def make_question_answering(cfg: TrainConfig, shard_index: int = 0, num_shards: 
         metrics["eval_example"] = f"{first['question']!r} -> {predicted.get(0, '')!r} ({first['answers']['text'][0]!r})"
         return metrics
 
-    return Task(
-        name=cfg.task, architecture=arch, module=model.module, init=lambda: model.params,
-        optimizer=common.adamw(cfg, 1e-4, "linear", common.fine_tuning_labels(cfg, arch, False)),
-        loss=loss, eval_step=eval_step, eval_metrics=eval_metrics, train_data=train_data, eval_data=eval_data,
-        export=common.export_as(model.module), save_assets=tokenizer.save_pretrained,
-        identity=common.identity(cfg, arch, model.module), best_metric="eval_f1", best_mode="max",
-        notes=(model.note, common.data_note(train, evaluation) + f"; {len(train_ds)} / {len(eval_ds)} windows"))
+    return common.fine_tuning_task(cfg, arch, model, (train, evaluation), (train_data, eval_data), (loss, eval_step),
+                                   eval_metrics, lr=1e-4, best=("eval_f1", "max"),
+                                   save_assets=tokenizer.save_pretrained,
+                                   data_detail=f"; {len(train_ds)} / {len(eval_ds)} windows")
 

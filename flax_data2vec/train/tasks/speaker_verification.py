@@ -15,7 +15,6 @@ import numpy as np
 
 from ... import losses
 from .. import data as data_lib
-from .. import models
 from .. import sources as sources_lib
 from ..config import TrainConfig
 from ..task import Task
@@ -42,25 +41,14 @@ def speaker_sources(cfg: TrainConfig) -> tuple[sources_lib.Split, sources_lib.Sp
     return train, evaluation, key
 
 
-class SpeakerDataset:
-    """Audio examples (data.AudioDataset) for `data.BatchIterator`; labels = (speaker id or -100 for a speaker
-    the classifier does not know, example index), so eval can pair utterances by speaker name."""
-
-    pad_value = 0.0
-
-    def __init__(self, rows: list[dict], key: str, label_map: data_lib.LabelMap, max_samples: int):
-        self.audio = data_lib.AudioDataset(rows, max_samples=max_samples)
-        self.lengths = self.audio.lengths
-        self.speakers = [str(r[key]) for r in self.audio.rows]
-        self.targets = [np.array([label_map.index.get(s, data_lib.IGNORE_INDEX), i], np.int32)
-                        for i, s in enumerate(self.speakers)]
-        self.label_lengths = np.full(len(self.targets), 2)
-
-    def __len__(self) -> int:
-        return len(self.audio)
-
-    def load(self, i: int, rng: np.random.Generator | None = None) -> dict:
-        return {**self.audio.load(i, rng), "labels": self.targets[i]}
+def speaker_dataset(rows: list[dict], key: str, label_map: data_lib.LabelMap,
+                    max_samples: int) -> tuple[common.LabelledAudio, list[str]]:
+    """(audio examples, each one's speaker); labels = (speaker id or -100 for a speaker the classifier does not
+    know, example index), so eval can pair utterances by speaker name."""
+    audio = data_lib.AudioDataset(rows, max_samples=max_samples)
+    speakers = [str(r[key]) for r in audio.rows]
+    return common.LabelledAudio(audio, [np.array([label_map.index.get(s, data_lib.IGNORE_INDEX), i], np.int32)
+                                        for i, s in enumerate(speakers)]), speakers
 
 
 def trial_pairs(n: int, max_trials: int = MAX_TRIALS, seed: int = TRIAL_SEED) -> tuple[np.ndarray, np.ndarray]:
@@ -109,10 +97,11 @@ def make_speaker_verification(cfg: TrainConfig, shard_index: int = 0, num_shards
     train, evaluation, key = speaker_sources(cfg)
     label_map = data_lib.LabelMap.from_labels(r[key] for r in train.rows)
     max_samples = int(cfg.max_audio_seconds * 16000)
-    train_ds, eval_ds = (SpeakerDataset(s.rows, key, label_map, max_samples) for s in (train, evaluation))
+    (train_ds, _), (eval_ds, eval_speakers) = (speaker_dataset(s.rows, key, label_map, max_samples)
+                                               for s in (train, evaluation))
     train_data, eval_data = common.audio_iterators(cfg, train_ds, eval_ds, shard_index, num_shards)
     changes = {**(TINY_XVECTOR if cfg.model == "tiny" else {}), "id2label": label_map.id2label}
-    model = models.build(cfg, arch, changes, freeze_feature_encoder=common.freeze_cnn(cfg))
+    model = common.audio_model(cfg, arch, changes)
     apply = common.forward(model.module)
 
     def scored(params, batch, rng, train):
@@ -133,16 +122,12 @@ def make_speaker_verification(cfg: TrainConfig, shard_index: int = 0, num_shards
                 "labels": batch["labels"], "example_mask": batch["example_mask"]}
 
     def eval_metrics(outputs):
-        eer, trials = verification_eer(outputs, eval_ds.speakers)
+        eer, trials = verification_eer(outputs, eval_speakers)
         metrics = common.classification_eval(outputs)  # eval_loss / eval_accuracy: eval rows of train speakers
         return {**metrics, "eval_eer": eer, "eval_trials": trials}
 
-    seen = len(set(eval_ds.speakers) & set(label_map.names))
-    return Task(
-        name=cfg.task, architecture=arch, module=model.module, init=lambda: model.params,
-        optimizer=common.adamw(cfg, 3e-4, "linear", common.fine_tuning_labels(cfg, arch, common.freeze_cnn(cfg))),
-        loss=loss, eval_step=eval_step, eval_metrics=eval_metrics, train_data=train_data, eval_data=eval_data,
-        export=common.export_as(model.module), identity=common.identity(cfg, arch, model.module),
-        best_metric="eval_eer", best_mode="min",
-        notes=(model.note, common.data_note(train, evaluation) + f"; {len(label_map)} train speakers, "
-               f"{seen} of the {len(set(eval_ds.speakers))} eval speakers among them"))
+    seen = len(set(eval_speakers) & set(label_map.names))
+    return common.fine_tuning_task(cfg, arch, model, (train, evaluation), (train_data, eval_data), (loss, eval_step),
+                                   eval_metrics, lr=3e-4, best=("eval_eer", "min"),
+                                   data_detail=f"; {len(label_map)} train speakers, {seen} of the "
+                                               f"{len(set(eval_speakers))} eval speakers among them")

@@ -29,14 +29,10 @@ def make_text_classification(cfg: TrainConfig, shard_index: int = 0, num_shards:
         shard_index, num_shards)
     model = models.build(cfg, arch, {**common.tokenizer_changes(cfg, tokenizer), "id2label": label_map.id2label,
                                      "problem_type": "single_label_classification"})
-    loss, eval_step = common.classification_steps(common.forward(model.module, "input_ids"))
-    return Task(
-        name=cfg.task, architecture=arch, module=model.module, init=lambda: model.params,
-        optimizer=common.adamw(cfg, 1e-4, "linear", common.fine_tuning_labels(cfg, arch, False)),
-        loss=loss, eval_step=eval_step, eval_metrics=common.classification_eval, train_data=train_data,
-        eval_data=eval_data, export=common.export_as(model.module), save_assets=tokenizer.save_pretrained,
-        identity=common.identity(cfg, arch, model.module), best_metric="eval_accuracy", best_mode="max",
-        notes=(model.note, common.data_note(train, evaluation)))
+    return common.fine_tuning_task(
+        cfg, arch, model, (train, evaluation), (train_data, eval_data),
+        common.classification_steps(common.forward(model.module, "input_ids")), common.classification_eval,
+        lr=1e-4, best=("eval_accuracy", "max"), save_assets=tokenizer.save_pretrained)
 
 
 def bert_masks(tokenizer):
@@ -75,17 +71,10 @@ def make_mlm(cfg: TrainConfig, shard_index: int = 0, num_shards: int = 1) -> Tas
         out = apply(params, batch, rng, train, masked_positions=batch["positions"])
         return (*losses.cross_entropy_sum(out.logits, batch["labels"]), {})
 
-    def eval_step(params, extra, batch):
-        total, count, _ = loss(params, extra, batch, None, False)
-        return {"loss_sum": total, "count": count}
-
     def eval_metrics(outputs):
         metrics = common.mean_eval_loss(outputs)
         return {**metrics, "eval_perplexity": math.exp(min(metrics["eval_loss"], 50.0))}
 
-    return Task(
-        name=cfg.task, architecture=arch, module=model.module, init=lambda: model.params,
-        optimizer=common.adamw(cfg, 1e-4, "linear", common.fine_tuning_labels(cfg, arch, False)),
-        loss=loss, eval_step=eval_step, eval_metrics=eval_metrics, train_data=train_data, eval_data=eval_data,
-        export=common.export_as(model.module), save_assets=tokenizer.save_pretrained,
-        identity=common.identity(cfg, arch, model.module), notes=(model.note, common.data_note(train, evaluation)))
+    return common.fine_tuning_task(cfg, arch, model, (train, evaluation), (train_data, eval_data),
+                                   (loss, common.loss_eval_step(loss)), eval_metrics, lr=1e-4,
+                                   save_assets=tokenizer.save_pretrained)

@@ -64,10 +64,6 @@ def make_token_classification(cfg: TrainConfig, shard_index: int = 0, num_shards
             metrics["eval_f1"] = float(f1_score(refs, hyps)) if refs else float("nan")
         return metrics
 
-    return Task(
-        name=cfg.task, architecture=arch, module=model.module, init=lambda: model.params,
-        optimizer=common.adamw(cfg, 1e-4, "linear", common.fine_tuning_labels(cfg, arch, False)),
-        loss=loss, eval_step=eval_step, eval_metrics=eval_metrics, train_data=train_data, eval_data=eval_data,
-        export=common.export_as(model.module), save_assets=tokenizer.save_pretrained,
-        identity=common.identity(cfg, arch, model.module), best_metric="eval_f1" if iob else "eval_accuracy",
-        best_mode="max", notes=(model.note, common.data_note(train, evaluation)))
+    return common.fine_tuning_task(cfg, arch, model, (train, evaluation), (train_data, eval_data), (loss, eval_step),
+                                   eval_metrics, lr=1e-4, best=("eval_f1" if iob else "eval_accuracy", "max"),
+                                   save_assets=tokenizer.save_pretrained)
