@@ -11,7 +11,7 @@ import json
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -78,10 +78,11 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule, grad
 
 
 class Logger:
-    """metrics.jsonl + TensorBoard (tensorboardX) on the main host."""
+    """metrics.jsonl + TensorBoard (tensorboardX) on the main host; `on_log(row)` sees each row as written."""
 
-    def __init__(self, output_dir: str, enabled: bool):
+    def __init__(self, output_dir: str, enabled: bool, on_log: Callable[[dict], None] | None = None):
         self.enabled = enabled
+        self.on_log = on_log
         self.writer = None
         if enabled:
             self.file = open(os.path.join(output_dir, "metrics.jsonl"), "a")
@@ -101,6 +102,8 @@ class Logger:
             for k, v in row.items():
                 if k != "step" and not isinstance(v, str):
                     self.writer.add_scalar(k, v, step)
+        if self.on_log is not None:
+            self.on_log(row)
 
     def close(self) -> None:
         if self.enabled:
@@ -110,9 +113,13 @@ class Logger:
 
 
 class Trainer:
-    """Owns the run: builds everything in `__init__` (errors before any compile), trains in `run()`."""
+    """Owns the run: builds everything in `__init__` (errors before any compile), trains in `run()`.
 
-    def __init__(self, cfg: TrainConfig):
+    on_log: called on the main host with each metrics.jsonl row (a dict with "step") as it is written, e.g. to
+    draw live plots in a notebook.
+    """
+
+    def __init__(self, cfg: TrainConfig, on_log: Callable[[dict], None] | None = None):
         parallel.maybe_initialize_distributed()
         self.cfg = cfg
         self.is_main = jax.process_index() == 0
@@ -126,7 +133,7 @@ class Trainer:
         state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
                            rng=jax.random.PRNGKey(cfg.seed), extra=self.task.init_extra(params))
         self._build_steps(state)
-        self.logger = Logger(cfg.output_dir, self.is_main)
+        self.logger = Logger(cfg.output_dir, self.is_main, on_log)
         if self.is_main:
             cfg.save(os.path.join(cfg.output_dir, "train_config.json"))
 
@@ -310,6 +317,6 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, desc="train")
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run training as configured; returns the last logged and eval metrics."""
-    return Trainer(cfg).run()
+def train(cfg: TrainConfig, on_log: Callable[[dict], None] | None = None) -> dict:
+    """Run training as configured; returns the last logged and eval metrics. on_log: see `Trainer`."""
+    return Trainer(cfg, on_log).run()
