@@ -4,6 +4,7 @@ error cell and their figures present, and are stored in git without outputs."""
 import glob
 import json
 import os
+import resource
 import time
 
 import nbformat
@@ -21,7 +22,7 @@ FIGURES = {
     "03_pretrain_data2vec": ["pretraining_curves.png", "finetune_cer.png"],
     "04_text_tasks": ["text_training_curves.png", "text_metrics.png"],
 }
-LIMIT_S = 420  # per notebook; every cell must finish inside it too (they take ~1 min each on an idle 2-core CPU)
+LIMIT_S = 900  # per notebook, every cell inside it too (generous: the shared test machine runs several jobs at once)
 
 
 def test_every_notebook_is_listed():
@@ -56,7 +57,7 @@ def test_runs_in_ci_mode(name, tmp_path, monkeypatch):
     out = tmp_path / name
     nb = nbformat.read(os.path.join(NOTEBOOK_DIR, name + ".ipynb"), as_version=4)
     inject_parameters(nb, OUTPUT_DIR=str(out))
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _children_cpu_s()
     try:
         NotebookClient(nb, timeout=LIMIT_S, kernel_name="python3",
                        resources={"metadata": {"path": NOTEBOOK_DIR}}).execute()
@@ -64,7 +65,8 @@ def test_runs_in_ci_mode(name, tmp_path, monkeypatch):
         out.mkdir(parents=True, exist_ok=True)
         nbformat.write(nb, str(out / f"{name}.executed.ipynb"))  # for reading after a failure
     elapsed = time.perf_counter() - start
-    print(f"{name}: {elapsed:.0f} s")
+    # CPU seconds of the kernel and its subprocesses: with the machine shared, wall time alone says little
+    print(f"{name}: {elapsed:.0f} s wall, {_children_cpu_s() - cpu:.0f} s CPU")
     assert elapsed < LIMIT_S, f"{name} took {elapsed:.0f} s"
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
@@ -72,6 +74,11 @@ def test_runs_in_ci_mode(name, tmp_path, monkeypatch):
     assert len(images) >= len(FIGURES[name]), f"{name}: {len(images)} figures shown"
     for figure in FIGURES[name]:
         assert (out / figure).stat().st_size > 5000, f"{name}: {figure} missing or empty"
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def test_logger_calls_on_log_with_each_row(tmp_path):
