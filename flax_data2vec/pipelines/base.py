@@ -185,7 +185,7 @@ def resolve_model(model, architecture: str | None = None, dtype=None) -> Model:
 def _fits(stored: str, wanted: str) -> bool:
     """A head checkpoint serves its own task; any checkpoint serves its modality's base model (features)."""
     base = wanted in ("Data2VecAudioModel", "Data2VecTextModel")
-    return stored == wanted or base and stored.startswith(wanted[:len("Data2VecAudio")])
+    return stored == wanted or base and stored.startswith(wanted[:-len("Model")])  # Data2VecAudio / Data2VecText
 
 
 class Pipeline:

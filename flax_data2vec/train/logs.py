@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 
 class Logger:
     """metrics.jsonl + TensorBoard (tensorboardX) on the main host, from step `start` on: rows of later steps that
-    a resumed run left behind (it was killed after its last checkpoint) are dropped, so no step appears twice."""
+    a resumed run left behind (it was killed after its last checkpoint) are dropped, so no step appears twice.
+    `on_log(row)` sees each row as it is written (live plots in a notebook)."""
 
-    def __init__(self, output_dir: str, enabled: bool, start: int = 0):
+    def __init__(self, output_dir: str, enabled: bool, start: int = 0, on_log: Callable[[dict], None] | None = None):
         self.enabled = enabled
+        self.on_log = on_log
         self.writer = None
         if enabled:
             path = os.path.join(output_dir, "metrics.jsonl")
@@ -36,6 +38,8 @@ class Logger:
             for k, v in row.items():
                 if k != "step" and not isinstance(v, str):
                     self.writer.add_scalar(k, v, step)
+        if self.on_log is not None:
+            self.on_log(row)
 
     def close(self) -> None:
         if self.enabled:

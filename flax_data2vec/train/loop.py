@@ -11,7 +11,7 @@ import json
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -81,9 +81,13 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule, grad
 
 
 class Trainer:
-    """Owns the run: builds everything in `__init__` (errors before any compile), trains in `run()`."""
+    """Owns the run: builds everything in `__init__` (errors before any compile), trains in `run()`.
 
-    def __init__(self, cfg: TrainConfig):
+    on_log: called on the main host with each metrics.jsonl row (a dict with "step") as it is written, e.g. to
+    draw live plots in a notebook.
+    """
+
+    def __init__(self, cfg: TrainConfig, on_log: Callable[[dict], None] | None = None):
         parallel.maybe_initialize_distributed()
         check_devices(cfg, jax.device_count(), jax.process_count())
         self.cfg = cfg
@@ -101,6 +105,7 @@ class Trainer:
         self._build_steps(state)
         if self.is_main and self.config_record:
             cfg.save(self.config_record)
+        self.on_log = on_log
 
     # -- set-up -------------------------------------------------------------------------------
     def _check_config_change(self) -> str | None:
@@ -224,7 +229,7 @@ class Trainer:
 
         handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         start_step = int(self.host_state().step)
-        self.logger = Logger(cfg.output_dir, self.is_main, start_step)
+        self.logger = Logger(cfg.output_dir, self.is_main, start_step, self.on_log)
         self._print(f"task {cfg.task} ({self.task.architecture}); {jax.device_count()} device(s) "
                     f"({jax.devices()[0].platform}), {jax.process_count()} host(s), parallel={cfg.parallel}, "
                     f"fsdp={cfg.fsdp}; padded lengths {self.train_iter.buckets} "
@@ -358,6 +363,6 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, desc="train")
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run training as configured; returns the last logged and eval metrics."""
-    return Trainer(cfg).run()
+def train(cfg: TrainConfig, on_log: Callable[[dict], None] | None = None) -> dict:
+    """Run training as configured; returns the last logged and eval metrics. on_log: see `Trainer`."""
+    return Trainer(cfg, on_log).run()
