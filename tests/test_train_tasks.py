@@ -196,3 +196,19 @@ def test_teacher_input_unmasked_or_fairseq_masked():
     masked = task.loss(params, extra, batch, None, False)[0]
     paper = make_task(dataclasses.replace(cfg, teacher_input="")).loss(params, extra, batch, None, False)[0]
     assert np.isfinite(float(masked)) and float(masked) != float(paper)  # the targets differ
+
+
+@pytest.mark.usefixtures("private_cache")
+def test_a_tokenizer_larger_than_the_checkpoint_vocabulary_is_refused(tmp_path):
+    """--tokenizer with more tokens than --model embeds: one error naming both sizes, before any step compiles
+    (under jit, ids past the table would read garbage rows)."""
+    from conftest import tiny_torch_model
+
+    from flax_data2vec.train import data as data_lib
+    tiny_torch_model("Data2VecTextModel").save_pretrained(tmp_path / "ckpt")  # vocab_size 99
+    corpus = ["the quick brown fox jumps over the lazy dog number %d again and again" % i for i in range(300)]
+    data_lib.build_small_bpe_tokenizer(corpus, vocab_size=400).save_pretrained(tmp_path / "tok")
+    cfg = TrainConfig(task="text-classification", model=str(tmp_path / "ckpt"), tokenizer=str(tmp_path / "tok"),
+                      output_dir=str(tmp_path / "out"))
+    with pytest.raises(ValueError, match=r"has \d+ tokens, but --model .* embeds only 99 \(vocab_size\)"):
+        make_task(cfg)

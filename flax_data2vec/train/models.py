@@ -48,9 +48,11 @@ def config_changes(cfg: TrainConfig, architecture: str, task_changes: dict) -> d
     return changes
 
 
-def build(cfg: TrainConfig, architecture: str, task_changes: dict, **extra_options) -> TaskModel:
+def build(cfg: TrainConfig, architecture: str, task_changes: dict, tokenizer_size: int | None = None,
+          **extra_options) -> TaskModel:
     """The task's model: preset `cfg.model` from `cfg.seed`, or the checkpoint `cfg.model` names (anything
-    `flax_data2vec.load` takes) with its encoder merged into a fresh init of `architecture`."""
+    `flax_data2vec.load` takes) with its encoder merged into a fresh init of `architecture`. tokenizer_size: text
+    tasks' tokenizer length; a checkpoint must embed every id it gives (under jit a larger id reads garbage)."""
     audio = registry.is_audio(architecture)
     options = {**module_options(cfg, audio), **extra_options}
     changes = config_changes(cfg, architecture, task_changes)
@@ -62,6 +64,10 @@ def build(cfg: TrainConfig, architecture: str, task_changes: dict, **extra_optio
     from ..hub import load  # the one load path: whatever class the checkpoint holds, as it is stored
     stored, stored_params = load(cfg.model)
     config = stored.config.replace(**changes) if changes else stored.config
+    if tokenizer_size is not None and tokenizer_size > config.vocab_size:
+        raise ValueError(f"the tokenizer ({cfg.tokenizer or cfg.model}) has {tokenizer_size} tokens, but --model "
+                         f"{cfg.model} embeds only {config.vocab_size} (vocab_size): ids >= {config.vocab_size} have "
+                         f"no embedding; use the checkpoint's own tokenizer (leave --tokenizer empty)")
     if registry.is_audio(type(stored).__name__) != audio:
         raise ValueError(f"--model {cfg.model} is a {type(stored).__name__} checkpoint; task {cfg.task} "
                          f"needs a {'n audio' if audio else ' text'} model")

@@ -54,9 +54,9 @@ def pretrain_config(cfg: TrainConfig, released: d2v.Data2VecPretrainConfig, dept
     return p
 
 
-def encoder_config(cfg: TrainConfig, architecture: str, changes: dict):
+def encoder_config(cfg: TrainConfig, architecture: str, changes: dict, tokenizer_size: int | None = None):
     """(config, loaded encoder params or None): a preset, or a checkpoint's encoder to continue pre-training."""
-    model = models.build(dataclasses.replace(cfg, scan_layers=False), architecture, changes)
+    model = models.build(dataclasses.replace(cfg, scan_layers=False), architecture, changes, tokenizer_size)
     return model.module.config, (model.params if model.pretrained else None), model.note
 
 
@@ -171,7 +171,8 @@ def make_pretrain_text(cfg: TrainConfig, shard_index: int = 0, num_shards: int =
     released = d2v.Data2VecPretrainConfig.text()
     train, evaluation = common.read_sources(cfg, "text", "text/corpus.txt")  # no eval set: every 20th line held out
     tokenizer = common.tokenizer_for(cfg, [r["text"] for r in train.rows])
-    config, loaded, note = encoder_config(cfg, "Data2VecTextModel", common.tokenizer_changes(cfg, tokenizer))
+    config, loaded, note = encoder_config(cfg, "Data2VecTextModel", common.tokenizer_changes(cfg, tokenizer),
+                                          len(tokenizer))
     p = pretrain_config(cfg, released, config.num_hidden_layers)
     blocks = dict(tokens_per_sample=min(p.tokens_per_sample, config.max_position_embeddings - 2))
     train_ds = data_lib.PackedTextDataset([r["text"] for r in train.rows], tokenizer, **blocks)

@@ -186,7 +186,8 @@ def make_question_answering(cfg: TrainConfig, shard_index: int = 0, num_shards: 
     train_ds, eval_ds = QADataset(train.rows, tokenizer, **kw), QADataset(evaluation.rows, tokenizer, **kw)
     train_data, eval_data = common.text_iterators(cfg, train_ds, eval_ds, shard_index, num_shards)
     model = models.build(cfg, arch, {**common.tokenizer_changes(cfg, tokenizer),
-                                     "id2label": {0: "LABEL_0", 1: "LABEL_1"}})  # start, end
+                                     "id2label": {0: "LABEL_0", 1: "LABEL_1"}},  # start, end
+                         tokenizer_size=len(tokenizer))
     apply = common.forward(model.module, "input_ids")
 
     def scored(params, batch, rng, train):

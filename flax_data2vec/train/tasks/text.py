@@ -28,7 +28,7 @@ def make_text_classification(cfg: TrainConfig, shard_index: int = 0, num_shards:
         cfg, data_lib.TextDataset(train.rows, tokenizer, **kw), data_lib.TextDataset(evaluation.rows, tokenizer, **kw),
         shard_index, num_shards)
     model = models.build(cfg, arch, {**common.tokenizer_changes(cfg, tokenizer), "id2label": label_map.id2label,
-                                     "problem_type": "single_label_classification"})
+                                     "problem_type": "single_label_classification"}, tokenizer_size=len(tokenizer))
     return common.fine_tuning_task(
         cfg, arch, model, (train, evaluation), (train_data, eval_data),
         common.classification_steps(common.forward(model.module, "input_ids")), common.classification_eval,
@@ -64,7 +64,7 @@ def make_mlm(cfg: TrainConfig, shard_index: int = 0, num_shards: int = 1) -> Tas
     train_data, eval_data = common.text_iterators(
         cfg, data_lib.TextDataset(train.rows, tokenizer, **kw), data_lib.TextDataset(evaluation.rows, tokenizer, **kw),
         shard_index, num_shards, prepare=bert_masks(tokenizer))
-    model = models.build(cfg, arch, common.tokenizer_changes(cfg, tokenizer))
+    model = models.build(cfg, arch, common.tokenizer_changes(cfg, tokenizer), tokenizer_size=len(tokenizer))
     apply = common.forward(model.module, "input_ids")
 
     def loss(params, extra, batch, rng, train):

@@ -44,7 +44,8 @@ def make_token_classification(cfg: TrainConfig, shard_index: int = 0, num_shards
     train_data, eval_data = common.text_iterators(
         cfg, data_lib.TaggedTextDataset(train.rows, tokenizer, label_map, **kw),
         data_lib.TaggedTextDataset(evaluation.rows, tokenizer, label_map, **kw), shard_index, num_shards)
-    model = models.build(cfg, arch, {**common.tokenizer_changes(cfg, tokenizer), "id2label": label_map.id2label})
+    model = models.build(cfg, arch, {**common.tokenizer_changes(cfg, tokenizer), "id2label": label_map.id2label},
+                         tokenizer_size=len(tokenizer))
     loss, eval_step = common.labelling_steps(common.forward(model.module, "input_ids"))
 
     def eval_metrics(outputs):
