@@ -206,7 +206,7 @@ def test_a_tokenizer_larger_than_the_checkpoint_vocabulary_is_refused(tmp_path):
 
     from flax_data2vec.train import data as data_lib
     tiny_torch_model("Data2VecTextModel").save_pretrained(tmp_path / "ckpt")  # vocab_size 99
-    corpus = ["the quick brown fox jumps over the lazy dog number %d again and again" % i for i in range(300)]
+    corpus = [f"the quick brown fox jumps over the lazy dog number {i} again and again" for i in range(300)]
     data_lib.build_small_bpe_tokenizer(corpus, vocab_size=400).save_pretrained(tmp_path / "tok")
     cfg = TrainConfig(task="text-classification", model=str(tmp_path / "ckpt"), tokenizer=str(tmp_path / "tok"),
                       output_dir=str(tmp_path / "out"))
