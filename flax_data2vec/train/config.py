@@ -69,6 +69,7 @@ class TrainConfig:
     mask_prob: float = -1.0
     tokens_per_sample: int = 0  # pretrain-text: packed block length (0: the recipe's 512)
     teacher_input: str = ""  # pretrain-text: unmasked (the paper) or masked (fairseq's released code); '': unmasked
+    clone_batch: int = 0  # pretrain2-*: masked copies of each sample per teacher pass (0: the recipe's 8)
     # devices
     parallel: str = "jit"  # jit (Mesh + shardings) or pmap
     fsdp: int = 1  # size of the mesh's fsdp axis: params and optimizer state sharded over it

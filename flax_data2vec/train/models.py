@@ -29,6 +29,19 @@ TEXT_PRESETS = {
     "large": dict(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5,
                   hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
 }
+_TINY_CNN = ((64, 10, 5),) + ((64, 3, 2),) * 4 + ((64, 2, 2),) * 2
+_NO_DROPOUT2 = dict(encoder_dropout=0.0, attention_dropout=0.0, post_mlp_drop=0.0, layerdrop=0.0)
+AUDIO2_PRESETS = {  # data2vec 2.0 speech (Data2Vec2AudioConfig fields); "base" is the released base
+    "tiny": dict(depth=2, embed_dim=128, num_heads=4, mlp_ratio=2.0, feature_encoder_spec=_TINY_CNN,
+                 prenet_dropout=0.0, **_NO_DROPOUT2),
+    "base": {},
+    "large": dict(depth=16, prenet_depth=8, embed_dim=1024, num_heads=16),  # large_audio_only_task.yaml
+}
+TEXT2_PRESETS = {  # data2vec 2.0 text (Data2Vec2TextConfig fields)
+    "tiny": dict(depth=4, embed_dim=128, num_heads=4, mlp_ratio=2.0),
+    "base": {},
+    "large": dict(depth=24, embed_dim=1024, num_heads=16),
+}
 PRESETS = ("tiny", "base", "large")
 
 
@@ -53,7 +66,11 @@ def module_options(cfg: TrainConfig, audio: bool) -> dict:
 
 def preset_config(cfg: TrainConfig, architecture: str, changes: dict):
     """The model config of preset `cfg.model` with the task's and the command line's changes."""
-    presets = AUDIO_PRESETS if registry.is_audio(architecture) else TEXT_PRESETS
+    audio = registry.is_audio(architecture)
+    if registry.is_data2vec2(architecture):
+        presets = AUDIO2_PRESETS if audio else TEXT2_PRESETS
+    else:
+        presets = AUDIO_PRESETS if audio else TEXT_PRESETS
     return registry.config_class(architecture)(**{**presets[cfg.model], **changes})
 
 
@@ -78,6 +95,8 @@ def build(cfg: TrainConfig, architecture: str, task_changes: dict, **extra_optio
                          False)
     from ..hub import load  # the one load path: whatever class the checkpoint holds, as it is stored
     stored, stored_params = load(cfg.model)
+    architecture = data2vec2_peer(architecture, type(stored).__name__)
+    cls = registry.model_class(architecture)
     config = stored.config.replace(**changes) if changes else stored.config
     if registry.is_audio(type(stored).__name__) != audio:
         raise ValueError(f"--model {cfg.model} is a {type(stored).__name__} checkpoint; task {cfg.task} "
@@ -97,6 +116,18 @@ def build(cfg: TrainConfig, architecture: str, task_changes: dict, **extra_optio
     note = (f"{cfg.model} ({type(stored).__name__} checkpoint; encoder loaded into {architecture}; "
             f"new: {_listing(report.new)}; dropped: {_listing(report.dropped)})")
     return TaskModel(module, scan_params(params) if cfg.scan_layers else params, note, True)
+
+
+def data2vec2_peer(architecture: str, stored: str) -> str:
+    """A v1 task class turned into its data2vec 2.0 peer when the checkpoint is a 2.0 model (a 2.0 pre-training
+    output fine-tuned with --task ctc picks Data2Vec2AudioForCTC); a clear error when there is none."""
+    if not registry.is_data2vec2(stored) or registry.is_data2vec2(architecture):
+        return architecture
+    peer = architecture.replace("Data2Vec", "Data2Vec2", 1)
+    if peer not in registry.data2vec2_classes():
+        raise ValueError(f"--model holds a data2vec 2.0 {stored} checkpoint, and {architecture} has no 2.0 "
+                         f"counterpart; 2.0 heads: {', '.join(sorted(registry.data2vec2_classes()))}")
+    return peer
 
 
 def _listing(paths: list[str], limit: int = 6) -> str:

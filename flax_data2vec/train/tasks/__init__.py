@@ -9,6 +9,7 @@ from ..task import Task
 from .audio import make_audio_classification, make_ctc
 from .frame_classification import make_audio_frame_classification
 from .pretrain import make_pretrain_audio, make_pretrain_text
+from .pretrain2 import make_pretrain2_audio, make_pretrain2_text
 from .question_answering import make_question_answering
 from .speaker_verification import make_speaker_verification
 from .text import make_mlm, make_text_classification
@@ -25,6 +26,8 @@ TASKS: dict[str, Callable[..., Task]] = {
     "mlm": make_mlm,
     "pretrain-audio": make_pretrain_audio,
     "pretrain-text": make_pretrain_text,
+    "pretrain2-audio": make_pretrain2_audio,
+    "pretrain2-text": make_pretrain2_text,
 }
 
 
