@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU figure the README is missing, in priority order, for a device session with little time:
-#   bash benchmarks/gpu_session.sh [OUT_DIR] [STEP...]      steps: ctc train job forward pretrain (default: all)
+#   bash benchmarks/gpu_session.sh [OUT_DIR] [STEP...]      steps: ctc train job forward pretrain pretrain2 (default: all)
 # Each step has its own timeout and writes OUT_DIR/<step>_gpu.json (default OUT_DIR: $OUT or
 # benchmarks/results); a step that fails or times out does not stop the next. Dry-run the same script on
 # CPU first with QUICK=1 (tiny shapes, CPU device). The timeouts add up to more than one 10-minute device
@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 out="${1:-${OUT:-benchmarks/results}}"
 shift || true
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(ctc train job forward pretrain)
+[ ${#steps[@]} -eq 0 ] && steps=(ctc train job forward pretrain pretrain2)
 mkdir -p "$out"
 if [ "${QUICK:-0}" = 1 ]; then dev=(--quick); else dev=(--device gpu); fi
 pip install --quiet --no-deps -e . >/dev/null 2>&1 || true
@@ -21,6 +21,7 @@ for step in "${steps[@]}"; do
     forward)  cmd=(python3 -m benchmarks.forward "${dev[@]}");                           limit=240 ;;
     train)    cmd=(python3 -m benchmarks.train_step "${dev[@]}");                        limit=360 ;;
     pretrain) cmd=(python3 -m benchmarks.pretrain_overhead "${dev[@]}");                 limit=240 ;;
+    pretrain2) cmd=(python3 -m benchmarks.pretrain2 "${dev[@]}");                        limit=240 ;;  # 2.0 vs v1, bf16
     job)      # train_tpu.py --benchmark: base CTC on the shipped data, bf16 + cuDNN, both CTC cores
       if [ "${QUICK:-0}" = 1 ]; then opts=(--model tiny); else
         opts=(--model base --dtype bfloat16 --attention-implementation cudnn); fi

@@ -190,8 +190,9 @@ class Data2VecAudioForXVector(_AudioHead):
 
 
 def is_feature_encoder_param(path: tuple[str, ...]) -> bool:
-    """True for the CNN feature encoder's params (not the x-vector head's `feature_extractor` Linear)."""
-    return "feature_extractor" in path and any(p.startswith("conv_layers_") for p in path)
+    """True for the CNN feature encoder's params (v1 `feature_extractor`, 2.0 `local_encoder`; not the x-vector
+    head's `feature_extractor` Linear)."""
+    return ("feature_extractor" in path or "local_encoder" in path) and any(p.startswith("conv_layers_") for p in path)
 
 
 def feature_encoder_labels(params) -> dict:

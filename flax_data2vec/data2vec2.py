@@ -5,7 +5,7 @@ x + conv positional encoder(x) -> ALiBi bias with a learned per-head scale -> co
 optional prenet blocks) -> `depth` AltBlocks. Text: token + learned position embeddings -> LayerNorm ->
 AltBlocks. The blocks are `layers.TransformerLayer` (post-LN, or pre-LN with `layer_norm_first`) with a
 fused qkv projection; CNN and positional convs are the v1 modules (same math). Pre-training (masking,
-decoder, EMA teacher) is not here. REFERENCE.md §5.5.3 describes the reference path step by step.
+decoder, EMA teacher) is pretrain2_models.py. REFERENCE.md §5.5.3 describes the reference path step by step.
 """
 
 from __future__ import annotations
@@ -50,6 +50,47 @@ def alibi_bias(num_heads: int, length: int, scale: Array) -> Array:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# the stages before the blocks; called inside a module's compact method, so the params are that module's
+# (the encoders below and the pre-training students of pretrain2_models.py share these names)
+def local_features(module: ModelOptions, input_values: Array, freeze_cnn: bool = False) -> tuple[Array, Array]:
+    """Waveform -> (LayerNormed CNN features, projected `local features` (batch, frames, embed_dim))."""
+    c, kw = module.config, dict(dtype=module.dtype, param_dtype=module.param_dtype)
+    features = FeatureEncoder(c.front_end(), **kw, name="local_encoder")(input_values)
+    if freeze_cnn:
+        features = jax.lax.stop_gradient(features)
+    normed = layer_norm(1e-5, "project_features_norm", **kw)(features)
+    return normed, dense(c.embed_dim, c.initializer_range, "project_features", **kw)(normed)
+
+
+def positional_conv(module: ModelOptions, x: Array) -> Array:
+    """The relative positional encoder's output (added to its input by the caller)."""
+    return PositionalConvEmbedding(module.config.front_end(), dtype=module.dtype, param_dtype=module.param_dtype,
+                                   name="relative_positional_encoder")(x)
+
+
+def alibi_scale(module: ModelOptions) -> Array | None:
+    """The learned (or fixed) per-head ALiBi scale, or None without ALiBi."""
+    c = module.config
+    if not c.use_alibi_encoder:
+        return None
+    scale = module.param("alibi_scale", nn.initializers.constant(c.alibi_scale), (c.alibi_scale_heads,),
+                         module.param_dtype)
+    return scale if c.learned_alibi_scale else jax.lax.stop_gradient(scale)
+
+
+def text_embeddings(module: ModelOptions, input_ids: Array, deterministic: bool) -> Array:
+    """Token + learned position embeddings -> LayerNorm -> dropout (fairseq's text `local_encoder`)."""
+    c, kw = module.config, dict(dtype=module.dtype, param_dtype=module.param_dtype)
+    embed = lambda n, name: nn.Embed(n, c.embed_dim, embedding_init=embedding_init(  # noqa: E731
+        c.initializer_range, c.pad_token_id), name=name, **kw)
+    positions = position_ids_from_input_ids(input_ids, c.pad_token_id)
+    x = embed(c.vocab_size, "embed_tokens")(input_ids) + embed(c.max_position_embeddings, "embed_positions")(
+        positions)
+    x = layer_norm(1e-5, "layernorm_embedding", **kw)(x)
+    return nn.Dropout(c.dropout)(x, deterministic=deterministic)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # shared blocks
 def blocks(module: ModelOptions, num_blocks: int, layerdrop: float, name: str) -> TransformerStack:
     """`num_blocks` AltBlocks (TransformerLayer with fused qkv) as a submodule of `module` (call in compact)."""
@@ -59,8 +100,10 @@ def blocks(module: ModelOptions, num_blocks: int, layerdrop: float, name: str) -
                             remat=module.remat, name=name)
 
 
-class _Data2Vec2Encoder(ModelOptions):
-    """Context encoder (norm, dropout, prenet blocks) -> dropout_input -> main blocks [-> final norm]."""
+class Data2Vec2Encoder(ModelOptions):
+    """Context encoder (norm, dropout, prenet blocks) -> dropout_input -> main blocks [-> final norm].
+
+    Public so the 2.0 pre-training students (pretrain2_models.py) build the same parameter tree."""
 
     def encode(self, x: Array, key_mask: Array | None, bias: Array | None, context_norm: bool, deterministic: bool,
                output_attentions: bool):
@@ -94,7 +137,7 @@ def _output(last, hidden, extras, output_hidden_states, output_attentions, outpu
 
 # ---------------------------------------------------------------------------------------------------------------
 # speech
-class Data2Vec2AudioModel(_Data2Vec2Encoder):
+class Data2Vec2AudioModel(Data2Vec2Encoder):
     """The data2vec 2.0 speech encoder: raw 16 kHz audio (batch, samples) -> (batch, frames, embed_dim).
 
     Unlike v1, padded frames are not zeroed before the positional convs (as in the reference). `hidden_states`
@@ -110,23 +153,13 @@ class Data2Vec2AudioModel(_Data2Vec2Encoder):
         c: Data2Vec2AudioConfig = self.config
         front = c.front_end()
         check_audio_inputs(front, input_values, attention_mask)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        features = FeatureEncoder(front, **kw, name="local_encoder")(input_values)
-        if self.freeze_feature_encoder:
-            features = jax.lax.stop_gradient(features)
-        normed = layer_norm(1e-5, "project_features_norm", **kw)(features)
-        x = dense(c.embed_dim, c.initializer_range, "project_features", **kw)(normed)
+        normed, x = local_features(self, input_values, self.freeze_feature_encoder)
         frame_mask = None
         if attention_mask is not None:
             frame_mask = feature_attention_mask(front, attention_mask, x.shape[1])
-        x = x + PositionalConvEmbedding(front, **kw, name="relative_positional_encoder")(x)
-        bias = None
-        if c.use_alibi_encoder:
-            scale = self.param("alibi_scale", nn.initializers.constant(c.alibi_scale), (c.alibi_scale_heads,),
-                               self.param_dtype)
-            if not c.learned_alibi_scale:
-                scale = jax.lax.stop_gradient(scale)
-            bias = alibi_bias(c.num_heads, x.shape[1], scale)
+        x = x + positional_conv(self, x)
+        scale = alibi_scale(self)
+        bias = None if scale is None else alibi_bias(c.num_heads, x.shape[1], scale)
         last, hidden, extras = self.encode(x, frame_mask, bias, True, deterministic, output_attentions)
         return _output(last, hidden, extras, output_hidden_states, output_attentions, output_layer_results,
                        extract_features=normed, feature_mask=frame_mask)
@@ -153,7 +186,7 @@ def check_text2_inputs(config: Data2Vec2TextConfig, input_ids, attention_mask=No
             raise ValueError(f"input_ids must lie in [0, {config.vocab_size}), got values in [{lo}, {hi}]")
 
 
-class Data2Vec2TextModel(_Data2Vec2Encoder):
+class Data2Vec2TextModel(Data2Vec2Encoder):
     """The data2vec 2.0 text encoder: token ids (batch, seq) -> (batch, seq, embed_dim).
 
     Padding: keys are masked where `attention_mask` is 0, else where the id is the pad id (as fairseq).
@@ -165,15 +198,7 @@ class Data2Vec2TextModel(_Data2Vec2Encoder):
                  output_layer_results: bool = False) -> BaseModelOutput:
         c: Data2Vec2TextConfig = self.config
         check_text2_inputs(c, input_ids, attention_mask)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        pad = c.pad_token_id
-        embed = lambda n, name: nn.Embed(n, c.embed_dim, embedding_init=embedding_init(  # noqa: E731
-            c.initializer_range, pad), name=name, **kw)
-        positions = position_ids_from_input_ids(input_ids, pad)
-        x = embed(c.vocab_size, "embed_tokens")(input_ids) + embed(c.max_position_embeddings, "embed_positions")(
-            positions)
-        x = layer_norm(1e-5, "layernorm_embedding", **kw)(x)
-        x = nn.Dropout(c.dropout)(x, deterministic=deterministic)
-        key_mask = (input_ids != pad) if attention_mask is None else attention_mask.astype(bool)
+        x = text_embeddings(self, input_ids, deterministic)
+        key_mask = (input_ids != c.pad_token_id) if attention_mask is None else attention_mask.astype(bool)
         last, hidden, extras = self.encode(x, key_mask, None, False, deterministic, output_attentions)
         return _output(last, hidden, extras, output_hidden_states, output_attentions, output_layer_results)

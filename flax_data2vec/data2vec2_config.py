@@ -132,6 +132,19 @@ class Data2Vec2AudioConfig(_Data2Vec2Config):
         return self.num_heads if self.learned_alibi_scale_per_head else 1
 
     @property
+    def conv_kernel(self) -> tuple[int, ...]:
+        """CNN kernels, as v1's config names them (`audio.conv_output_lengths` reads these)."""
+        return tuple(k for _, k, _ in self.feature_encoder_spec)
+
+    @property
+    def conv_stride(self) -> tuple[int, ...]:
+        return tuple(s for _, _, s in self.feature_encoder_spec)
+
+    @property
+    def add_adapter(self) -> bool:
+        return False
+
+    @property
     def inputs_to_logits_ratio(self) -> int:
         return math.prod(s for _, _, s in self.feature_encoder_spec)
 

@@ -227,7 +227,7 @@ def read_config(directory: str) -> dict:
 
 def choose_architecture(config: dict, requested: str | None, label: str) -> str:
     """`requested`, else the first Data2Vec class in config.json's `architectures`, else the base class."""
-    classes = registry.model_classes()
+    classes = {**registry.model_classes(), **registry.data2vec2_classes()}
     model_type = config.get("model_type")
     if requested is not None:
         if requested not in classes:

@@ -104,7 +104,12 @@ def base_prefix(name: str) -> str:
 
 def encoder_prefix(name: str) -> str | None:
     """Where class `name` keeps its encoder params: under `base_prefix` in a head, at the top in a base model."""
-    return None if name.endswith("Model") else base_prefix(name)
+    if name.endswith("Model"):
+        return None
+    if is_data2vec2(name):  # flax submodule names; base_prefix gives fairseq's state-dict prefixes
+        from .data2vec2_heads import AUDIO_BASE, TEXT_BASE
+        return AUDIO_BASE if is_audio(name) else TEXT_BASE
+    return base_prefix(name)
 
 
 def dummy_inputs(module) -> tuple:

@@ -18,7 +18,7 @@ import os
 import shlex
 from typing import Any
 
-from .presets import AUDIO_PRESETS, PRESETS, TEXT_PRESETS
+from .presets import AUDIO2_PRESETS, AUDIO_PRESETS, PRESETS, TEXT2_PRESETS, TEXT_PRESETS
 from .tasks import TASKS
 
 REPO_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "data")
@@ -109,6 +109,8 @@ class TrainConfig:
     tokens_per_sample: int = option(0, "pretrain-text: packed block length; 0: the recipe's 512", low=0)
     teacher_input: str = option("", "pretrain-text: what the teacher sees (unmasked: the paper; masked: fairseq's "
                                 "released code; '': unmasked)", choices=("", "unmasked", "masked"))
+    clone_batch: int = option(0, "pretrain2-*: masked copies of each sample per teacher pass; 0: the recipe's 8",
+                              low=0)
     # devices
     parallel: str = option("jit", "device layout (jit: one Mesh with shardings; pmap: replicated state)",
                            choices=("jit", "pmap"))
@@ -248,7 +250,8 @@ def check_inputs(cfg: TrainConfig) -> None:
                 raise ConfigError("model_config", cfg.model_config, f"{key!r} is not a {config_class.__name__} "
                                   f"field{_did_you_mean(key, fields)}")
         if cfg.model in PRESETS:
-            presets = AUDIO_PRESETS if TASKS[cfg.task].modality == "audio" else TEXT_PRESETS
+            presets = {"audio": AUDIO_PRESETS, "text": TEXT_PRESETS, "audio2": AUDIO2_PRESETS,
+                       "text2": TEXT2_PRESETS}[TASKS[cfg.task].modality]
             try:
                 config_class(**{**presets[cfg.model], **overrides})
             except (TypeError, ValueError) as e:
@@ -265,7 +268,8 @@ def _model_config_class(cfg: TrainConfig):
     from .. import config as v1
     from .. import data2vec2_config as v2
     from ..names import REPO_ID, SHORT_NAMES
-    by_modality = {"audio": v1.Data2VecAudioConfig, "text": v1.Data2VecTextConfig}
+    by_modality = {"audio": v1.Data2VecAudioConfig, "text": v1.Data2VecTextConfig,
+                   "audio2": v2.Data2Vec2AudioConfig, "text2": v2.Data2Vec2TextConfig}
     name, path = cfg.model, os.path.expanduser(cfg.model)
     if name in PRESETS or name in SHORT_NAMES:
         return by_modality[TASKS[cfg.task].modality]

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from .. import registry
 from ..weights import merge_encoder, scan_params, unscan_params
 from .config import TrainConfig
-from .presets import AUDIO_PRESETS, PRESETS, TEXT_PRESETS  # noqa: F401 - PRESETS re-exported for the tasks
+from .presets import AUDIO2_PRESETS, AUDIO_PRESETS, PRESETS, TEXT2_PRESETS, TEXT_PRESETS  # noqa: F401 - re-exported
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +36,11 @@ def module_options(cfg: TrainConfig, audio: bool) -> dict:
 
 def preset_config(cfg: TrainConfig, architecture: str, changes: dict):
     """The model config of preset `cfg.model` with the task's and the command line's changes."""
-    presets = AUDIO_PRESETS if registry.is_audio(architecture) else TEXT_PRESETS
+    audio = registry.is_audio(architecture)
+    if registry.is_data2vec2(architecture):
+        presets = AUDIO2_PRESETS if audio else TEXT2_PRESETS
+    else:
+        presets = AUDIO_PRESETS if audio else TEXT_PRESETS
     return registry.config_class(architecture)(**{**presets[cfg.model], **changes})
 
 
@@ -63,6 +67,8 @@ def build(cfg: TrainConfig, architecture: str, task_changes: dict, tokenizer_siz
                          False)
     from ..hub import load  # the one load path: whatever class the checkpoint holds, as it is stored
     stored, stored_params = load(cfg.model)
+    architecture = data2vec2_peer(architecture, type(stored).__name__)
+    cls = registry.model_class(architecture)
     config = stored.config.replace(**changes) if changes else stored.config
     if tokenizer_size is not None and tokenizer_size > config.vocab_size:
         raise ValueError(f"the tokenizer ({cfg.tokenizer or cfg.model}) has {tokenizer_size} tokens, but --model "
@@ -86,6 +92,18 @@ def build(cfg: TrainConfig, architecture: str, task_changes: dict, tokenizer_siz
     note = (f"{cfg.model} ({type(stored).__name__} checkpoint; encoder loaded into {architecture}; "
             f"new: {_listing(report.new)}; dropped: {_listing(report.dropped)})")
     return TaskModel(module, scan_params(params) if cfg.scan_layers else params, note, True)
+
+
+def data2vec2_peer(architecture: str, stored: str) -> str:
+    """A v1 task class turned into its data2vec 2.0 peer when the checkpoint is a 2.0 model (a 2.0 pre-training
+    output fine-tuned with --task ctc picks Data2Vec2AudioForCTC); a clear error when there is none."""
+    if not registry.is_data2vec2(stored) or registry.is_data2vec2(architecture):
+        return architecture
+    peer = architecture.replace("Data2Vec", "Data2Vec2", 1)
+    if peer not in registry.data2vec2_classes():
+        raise ValueError(f"--model holds a data2vec 2.0 {stored} checkpoint, and {architecture} has no 2.0 "
+                         f"counterpart; 2.0 heads: {', '.join(sorted(registry.data2vec2_classes()))}")
+    return peer
 
 
 def _listing(paths: list[str], limit: int = 6) -> str:

@@ -53,18 +53,20 @@ def train_everything(path: tuple[str, ...]) -> str:
 
 def make_optimizer(cfg: TrainConfig, schedule: optax.Schedule, params,
                    label: Callable[[tuple[str, ...]], str] = train_everything,
-                   adam_eps: float | None = None, clip_norm: float | None = None) -> optax.GradientTransformation:
+                   adam_eps: float | None = None, clip_norm: float | None = None,
+                   decay_mask: Callable | None = None) -> optax.GradientTransformation:
     """AdamW with global-norm clipping; a step whose gradients are not finite is skipped and counted.
 
     `label(path)` sorts params: 'train'; 'frozen' (never change); 'delayed' (unchanged for the first
     `cfg.freeze_encoder_steps` updates, weight decay included, with their Adam state untouched meanwhile,
     as fairseq's `freeze_finetune_updates` leaves them out of the optimizer; `optax.conditionally_mask`).
+    `decay_mask(params)` (optax.adamw's `mask`): where weight decay applies; None: everywhere.
     """
     clip = cfg.clip_norm if clip_norm is None else clip_norm
 
     def adamw(lr):
         return optax.adamw(lr, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps if adam_eps is None else adam_eps,
-                           weight_decay=cfg.weight_decay)
+                           weight_decay=cfg.weight_decay, mask=decay_mask)
     delay = cfg.freeze_encoder_steps
     # the delayed AdamW's own step count starts when the gate opens: shift its schedule to the global step
     delayed = optax.transforms.conditionally_mask(adamw(lambda count: schedule(count + delay)),

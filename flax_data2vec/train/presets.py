@@ -19,4 +19,17 @@ TEXT_PRESETS = {
     "large": dict(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5,
                   hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
 }
-PRESETS = tuple(AUDIO_PRESETS)  # tiny, base, large: the same names as TEXT_PRESETS
+_TINY_CNN = ((64, 10, 5),) + ((64, 3, 2),) * 4 + ((64, 2, 2),) * 2
+_NO_DROPOUT2 = dict(encoder_dropout=0.0, attention_dropout=0.0, post_mlp_drop=0.0, layerdrop=0.0)
+AUDIO2_PRESETS = {  # data2vec 2.0 speech (Data2Vec2AudioConfig fields); "base" is the released base
+    "tiny": dict(depth=2, embed_dim=128, num_heads=4, mlp_ratio=2.0, feature_encoder_spec=_TINY_CNN,
+                 prenet_dropout=0.0, **_NO_DROPOUT2),
+    "base": {},
+    "large": dict(depth=16, prenet_depth=8, embed_dim=1024, num_heads=16),  # large_audio_only_task.yaml
+}
+TEXT2_PRESETS = {  # data2vec 2.0 text (Data2Vec2TextConfig fields)
+    "tiny": dict(depth=4, embed_dim=128, num_heads=4, mlp_ratio=2.0),
+    "base": {},
+    "large": dict(depth=24, embed_dim=1024, num_heads=16),
+}
+PRESETS = tuple(AUDIO_PRESETS)  # tiny, base, large: the same names in every table

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 class TaskEntry:
     module: str  # in this package
     maker: str  # make_<task>(cfg, shard_index, num_shards) -> Task
-    modality: str  # "audio" or "text": whose model config --model-config edits
+    modality: str  # "audio", "text" (v1) or "audio2", "text2" (data2vec 2.0): whose config --model-config edits
     usage: str  # the next command after training; {model} is OUTPUT_DIR/model
 
 
@@ -44,6 +44,10 @@ TASKS: dict[str, TaskEntry] = {
                                 "python -m flax_data2vec embed AUDIO.wav --model {model} --output emb.npy"),
     "pretrain-text": TaskEntry("pretrain", "make_pretrain_text", "text",
                                "python -m flax_data2vec embed 'some text' --model {model} --output emb.npy"),
+    "pretrain2-audio": TaskEntry("pretrain2", "make_pretrain2_audio", "audio2",
+                                 "python train_tpu.py --task ctc --model {model}"),
+    "pretrain2-text": TaskEntry("pretrain2", "make_pretrain2_text", "text2",
+                                "python train_tpu.py --task text-classification --model {model}"),
 }
 
 
