@@ -131,7 +131,7 @@ def init_params(module, rng: jax.Array | int = 0) -> dict:
     extra = {}
     if getattr(module.config, "add_cross_attention", False):
         extra["encoder_hidden_states"] = jnp.zeros((1, 4, module.config.hidden_size), module.dtype)
-    inputs = dummy_inputs(module)
+    inputs = tuple(np.asarray(x) for x in dummy_inputs(module))  # host arrays: the modules' eager checks read them
     # One compiled init instead of one tiny compile per op (eager init of a tiny model is ~200 compiles).
     return jax.jit(lambda key: module.init(key, *inputs, **extra)["params"])(rng)
 
