@@ -113,13 +113,14 @@ def encoder_prefix(name: str) -> str | None:
 
 
 def dummy_inputs(module) -> tuple:
-    """Smallest inputs that initialise every parameter of `module`."""
+    """Smallest inputs that initialise every parameter of `module` (host arrays: the modules' eager checks read
+    them, also inside a jitted or abstract init)."""
     c = module.config
     if hasattr(c, "front_end"):  # data2vec 2.0 audio: the v1 CNN's geometry
         c = c.front_end()
     if isinstance(c, Data2VecAudioConfig):
-        return (jnp.zeros((1, c.receptive_field + 2 * c.inputs_to_logits_ratio), jnp.float32),)
-    ids = jnp.full((1, 4), c.bos_token_id or 0, jnp.int32)
+        return (np.zeros((1, c.receptive_field + 2 * c.inputs_to_logits_ratio), np.float32),)
+    ids = np.full((1, 4), c.bos_token_id or 0, np.int32)
     if type(module).__name__ == "Data2VecTextForMultipleChoice":
         ids = ids[:, None, :].repeat(2, axis=1)
     return (ids,)
@@ -131,7 +132,7 @@ def init_params(module, rng: jax.Array | int = 0) -> dict:
     extra = {}
     if getattr(module.config, "add_cross_attention", False):
         extra["encoder_hidden_states"] = jnp.zeros((1, 4, module.config.hidden_size), module.dtype)
-    inputs = tuple(np.asarray(x) for x in dummy_inputs(module))  # host arrays: the modules' eager checks read them
+    inputs = dummy_inputs(module)
     # One compiled init instead of one tiny compile per op (eager init of a tiny model is ~200 compiles).
     return jax.jit(lambda key: module.init(key, *inputs, **extra)["params"])(rng)
 
