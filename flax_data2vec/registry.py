@@ -21,7 +21,9 @@ from . import audio_heads
 from .audio import Data2VecAudioModel
 from .config import Data2VecAudioConfig, Data2VecTextConfig
 from .weights import (
+    AUDIO2_BASE,
     AUDIO2_PREFIX,
+    TEXT2_BASE,
     TEXT2_PREFIX,
     ConversionReport,
     WeightTable,
@@ -107,8 +109,7 @@ def encoder_prefix(name: str) -> str | None:
     if name.endswith("Model"):
         return None
     if is_data2vec2(name):  # flax submodule names; base_prefix gives fairseq's state-dict prefixes
-        from .data2vec2_heads import AUDIO_BASE, TEXT_BASE
-        return AUDIO_BASE if is_audio(name) else TEXT_BASE
+        return AUDIO2_BASE if is_audio(name) else TEXT2_BASE
     return base_prefix(name)
 
 

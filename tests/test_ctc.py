@@ -79,5 +79,5 @@ def test_ctc_task_takes_either_core():
     default_task = make_task(dataclasses.replace(cfg, ctc_implementation="optax"))
     default = jax.jit(lambda p, b: default_task.loss(p, None, b, None, False)[0])(params, batch)
     np.testing.assert_allclose(float(unrolled), float(default), rtol=1e-5)
-    with pytest.raises(ValueError, match="ctc_implementation must be optax or unrolled"):
+    with pytest.raises(ValueError, match="--ctc-implementation cudnn: must be one of optax, unrolled"):
         parse_args(["--ctc-implementation", "cudnn"])
