@@ -40,7 +40,7 @@ def make_ctc(cfg: TrainConfig, shard_index: int = 0, num_shards: int = 1) -> Tas
     train_data, eval_data = common.audio_iterators(cfg, train_ds, eval_ds, shard_index, num_shards)
     model = common.audio_model(cfg, arch, dict(vocab_size=len(vocab), pad_token_id=0, ctc_zero_infinity=True))
     module, apply = model.module, common.forward(model.module)
-    # eval as flax_data2vec.pipeline transcribes: padding-invariant (v1; 2.0 has no such switch), so eval CER = pipeline CER
+    # eval as flax_data2vec.pipeline transcribes: padding-invariant (v1; 2.0 has no switch): eval CER = pipeline CER
     invariant = hasattr(module, "padding_invariant")
     eval_apply = common.forward(module.clone(padding_invariant=True) if invariant else module)
 
