@@ -2,6 +2,7 @@
 error cell and their figures present, and are stored in git without outputs."""
 
 import glob
+import importlib.util
 import json
 import os
 import resource
@@ -39,6 +40,33 @@ def test_stored_without_outputs(name):
             assert cell.outputs == [] and cell.execution_count is None, f"{name} cell {i} holds outputs"
     tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1 and "QUICK" in tagged[0].source and "REPO_URL" in tagged[0].source
+
+
+def _build_script():
+    spec = importlib.util.spec_from_file_location("notebooks_build", os.path.join(NOTEBOOK_DIR, "build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_notebooks_are_built_from_their_sources():
+    """The committed .ipynb and README badges are what notebooks/build.py writes from notebooks/src and setup.cfg."""
+    build = _build_script()
+    assert build.main(["--check"]) == 0
+    url = build.repo_url()
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    for name in FIGURES:
+        assert f"{build.colab_prefix(url)}{name}.ipynb" in readme, f"README: no Colab badge for {name}"
+
+
+def test_setup_cell_outside_a_checkout_refuses_the_placeholder_url(tmp_path, monkeypatch):
+    """On Colab with REPO_URL still the placeholder: one message saying what to set, not a git error."""
+    nb = nbformat.read(os.path.join(NOTEBOOK_DIR, "01_quickstart.ipynb"), as_version=4)
+    setup = next(c.source for c in nb.cells if c.source.startswith("# Setup:"))
+    monkeypatch.chdir(tmp_path)  # no ../flax_data2vec here: the notebook is not inside a checkout
+    with pytest.raises(SystemExit, match="REPO_URL is still the placeholder"):
+        exec(setup, {"os": os, "REPO_URL": "https://github.com/OWNER/flax_data2vec"})
+    assert not (tmp_path / "flax_data2vec").exists()
 
 
 def inject_parameters(nb, **values):
