@@ -188,7 +188,8 @@ import subprocess
 
 env = dict(os.environ, PYTHONPATH=ROOT)
 if ACCELERATOR != "TPU":
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env.update(XLA_FLAGS=(env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip(),
+               JAX_PLATFORMS="cpu")
 args = ["--task", "ctc", "--model", MODEL, "--model-config", MODEL_CONFIG, "--parallel", "jit", "--fsdp", str(FSDP),
         "--batch-size", str(KAGGLE_BATCH), "--max-steps", str(KAGGLE_STEPS), "--log-every", "1",
         "--eval-every", str(KAGGLE_STEPS), "--save-every", str(KAGGLE_STEPS), "--n-buckets", "1",

@@ -17,6 +17,8 @@ sys.path.insert(0, ROOT)  # this checkout's package, even where another copy is 
 OUTPUT_DIR = os.path.abspath(OUTPUT_DIR)
 os.makedirs(OUTPUT_DIR, exist_ok=True)
 DATA = os.path.join(ROOT, "data")
+if QUICK:  # quick runs are mostly compiling: unoptimised, XLA's CPU backend compiles ~30% faster (steps no slower)
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 import jax
 
