@@ -23,7 +23,7 @@ FIGURES = {
     "03_pretrain_data2vec": ["pretraining_curves.png", "finetune_cer.png"],
     "04_text_tasks": ["text_training_curves.png", "text_metrics.png"],
 }
-LIMIT_S = 1200  # per notebook, every cell inside it too; generous: ~40-170 CPU-s each on a shared, loaded box
+LIMIT_S = 1200  # per notebook and per cell: ~1000 s wall each with four at once on a box at load 30-57
 
 
 def test_every_notebook_is_listed():

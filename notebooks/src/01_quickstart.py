@@ -8,7 +8,7 @@
 #
 # **Hardware**: any Colab runtime (CPU, T4 / L4 GPU, TPU v5e-1 / v6e-1). **Run time**: about 3-5 minutes on
 # Colab, most of it downloading the checkpoints (base models, ~370 MB each) and compiling. Quick configuration:
-# 41 CPU-seconds (measured), under a minute on an idle 2-core CPU.
+# 32-40 CPU-seconds (measured with other jobs sharing the CPU), about a minute on an idle 2-core CPU.
 #
 # **Quick configuration** (`CI` or `FLAX_DATA2VEC_QUICK=1`): no network. The checkpoints are tiny models with
 # *random* weights made in this notebook and saved in transformers' format, so the API is exercised end to end

@@ -14,9 +14,9 @@
 #
 # **Quick configuration** (`CI` or `FLAX_DATA2VEC_QUICK=1`): a small random-init model (a 4-layer 32-channel CNN,
 # 2 Transformer layers 64 wide), 60 steps of 4 clips at learning rate 3e-3 on the shipped synthetic speech
-# (`data/speech_digits`), then 2 steps on 8 simulated devices: QUICK_CPU_02 CPU-seconds (measured, other jobs
-# sharing the CPU). What it shows there is every step above working and the first phase of CTC training: the
-# train loss falls from ~80 to ~30 per utterance as the model learns to output blanks, and the eval loss creeps
+# (`data/speech_digits`), then 2 steps on 8 simulated devices: 140-185 CPU-seconds (measured, other
+# jobs sharing the CPU). What it shows there is every step above working and the first phase of CTC training: the
+# train loss falls from ~90 to ~30 per utterance as the model learns to output blanks, and the eval loss creeps
 # down. It does not show transcription: the CER stays 1.0, CTC's all-blank plateau. The tiny models leave that
 # plateau on this data only after ~250 steps (learning rates 3e-3, 6e-3 and 1e-2 were tried: still 1.0 at
 # 130-200 steps), more than CI's few-minute budget for all four notebooks; `python train_tpu.py` (1,000 steps,
@@ -117,7 +117,7 @@ cfg = TrainConfig(task="ctc", model=MODEL, model_config=MODEL_CONFIG, train_data
                   output_dir=RUN_DIR, progress=not QUICK)
 live = LivePlot([("train loss", ["loss"]), ("learning rate", ["learning_rate"]),
                  ("eval loss", ["eval_loss"]), ("eval error rates", ["eval_cer", "eval_wer"])],
-                every=2, title=f"CTC fine-tuning of {MODEL}")
+                every=2, title=f"CTC fine-tuning of {MODEL}" + (" (changed by MODEL_CONFIG)" if MODEL_CONFIG else ""))
 summary = train(cfg, on_log=live)
 live.save(os.path.join(OUTPUT_DIR, "training_curves.png"))
 

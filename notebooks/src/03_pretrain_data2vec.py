@@ -12,8 +12,8 @@
 # about an hour on a 2-core CPU.
 #
 # **Quick configuration** (`CI` or `FLAX_DATA2VEC_QUICK=1`): a smaller model (4-layer 32-channel CNN, 64 wide),
-# 20 pre-training steps and 2 x 30 fine-tuning steps of 4 clips: QUICK_CPU_03 CPU-seconds (measured, other jobs
-# sharing the CPU). That is far too short for either start to leave CTC's all-blank plateau (CER 1.0; the tiny
+# 20 pre-training steps and 2 x 30 fine-tuning steps of 4 clips: 140-175 CPU-seconds (measured, other
+# jobs sharing the CPU). That is far too short for either start to leave CTC's all-blank plateau (CER 1.0; the tiny
 # models need ~250 steps here), so the quick run compares the two starts by their eval CTC loss only, and says so.
 
 # %% tags=["parameters"]

@@ -10,8 +10,8 @@
 # estimated at 20-40 minutes on a v5e-1 (not measured: no accelerator was available where this was written).
 # **Quick configuration** (`CI` or `FLAX_DATA2VEC_QUICK=1`): no network; the tiny preset (4 layers, 128 wide,
 # random init, a byte-level BPE built on the training text), batches of 8 on the shipped Jane Austen data: 30 steps
-# each of text and token classification and 80 of question answering, QUICK_CPU_04 CPU-seconds (measured, other
-# jobs sharing the CPU). The plots show each metric next to its trivial baseline. Only question answering gets
+# each of text and token classification and 80 of question answering, 140-205 CPU-seconds (measured,
+# other jobs sharing the CPU). The plots show each metric next to its trivial baseline. Only question answering gets
 # clearly past its baseline in so few steps; the two classifiers stay at chance / the all-`O` score (from
 # scratch they need hundreds of steps; the full configuration fine-tunes the pre-trained base model instead).
 
