@@ -19,6 +19,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="short name, hub repo id, local checkpoint or train_tpu.py output")
     p.add_argument("--batch-size", type=int, default=8, help="rows per compiled call (default: 8)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    p.add_argument("--parallel", choices=("jit", "pmap"), default="jit",
+                   help="how each batch is split over the local devices: jit (one program over a device mesh; "
+                        "default) or pmap (one replica per device)")
     p.add_argument("--progress", type=lambda s: s.lower() in ("1", "true", "yes"), default=True,
                    help="show a progress bar (default: true)")
     p.add_argument("--debug", action="store_true", help="show the full traceback on failure")
@@ -85,7 +88,7 @@ def _asr(args):
     if args.beam or args.lm or args.hotwords:
         options["decoder_options"] = {}
     return pipeline("automatic-speech-recognition", args.model, batch_size=args.batch_size, dtype=_dtype(args),
-                    lm=args.lm, **options)
+                    parallel=args.parallel, lm=args.lm, **options)
 
 
 def _dtype(args):
@@ -151,7 +154,7 @@ def classify(args) -> None:
     from .pipelines import resolve_model
     model = resolve_model(args.model, dtype=_dtype(args))
     task = "audio-classification" if model.architecture.startswith("Data2VecAudio") else "text-classification"
-    pipe = pipeline(task, model, batch_size=args.batch_size)
+    pipe = pipeline(task, model, batch_size=args.batch_size, parallel=args.parallel)
     for x, r in zip(args.inputs, _in_steps(pipe, list(args.inputs), args.progress, "classify", top_k=args.top_k)):
         print(json.dumps({"input": x, "labels": r}, ensure_ascii=False))
     _report(pipe)
@@ -162,7 +165,7 @@ def embed(args) -> None:
 
     from . import pipeline
     pipe = pipeline("feature-extraction", args.model, batch_size=args.batch_size, dtype=_dtype(args),
-                    pooling=args.pooling, top_k_layers=args.top_k_layers)
+                    parallel=args.parallel, pooling=args.pooling, top_k_layers=args.top_k_layers)
     rows, step = [], pipe.batch_size * 4
     with _bar(len(args.inputs), args.progress, "embed") as bar:
         for i in range(0, len(args.inputs), step):
@@ -175,7 +178,7 @@ def embed(args) -> None:
 
 def fill_mask(args) -> None:
     from . import pipeline
-    pipe = pipeline("fill-mask", args.model, batch_size=args.batch_size, dtype=_dtype(args))
+    pipe = pipeline("fill-mask", args.model, batch_size=args.batch_size, dtype=_dtype(args), parallel=args.parallel)
     for x, r in zip(args.inputs, _in_steps(pipe, list(args.inputs), args.progress, "fill-mask", top_k=args.top_k)):
         print(json.dumps({"input": x, "fillers": r}, ensure_ascii=False))
 

@@ -158,12 +158,15 @@ def classifier_dir(tmp_path_factory):
 
 
 def test_audio_classification_equals_transformers(classifier_dir, waves):
-    ours = fd.pipeline("audio-classification", classifier_dir, batch_size=8)(waves, top_k=3)
+    """The default call too: transformers 5 returns every label when `top_k` is not given."""
+    ours = fd.pipeline("audio-classification", classifier_dir, batch_size=8)
     ref = transformers.pipeline("audio-classification", model=classifier_dir)
-    for o, w in zip(ours, waves):
-        t = ref(w.copy(), top_k=3)
-        assert [x["label"] for x in o] == [x["label"] for x in t]
-        np.testing.assert_allclose([x["score"] for x in o], [x["score"] for x in t], atol=1e-4)
+    for options in ({}, {"top_k": 3}, {"top_k": 2, "function_to_apply": "sigmoid"}):
+        for o, w in zip(ours(waves[:3], **options), waves):
+            t = ref(w.copy(), **options)
+            assert len(o) == options.get("top_k", 4)
+            assert [x["label"] for x in o] == [x["label"] for x in t]
+            np.testing.assert_allclose([x["score"] for x in o], [x["score"] for x in t], atol=1e-4)
 
 
 def _torch_outputs(directory, class_name, wave):

@@ -1,6 +1,7 @@
 """Text pipelines against transformers' own pipelines (and, for question answering, removed from transformers 5,
 against the 4.x rule written here from the PyTorch model's logits), on tiny random checkpoints."""
 
+import json
 import warnings
 
 import numpy as np
@@ -52,7 +53,8 @@ def test_fill_mask_equals_transformers(mlm_dir):
     ours = fd.pipeline("fill-mask", mlm_dir, batch_size=4)
     ref = transformers.pipeline("fill-mask", model=mlm_dir)
     assert_same(ours(TEXTS, top_k=3), ref(TEXTS, top_k=3))
-    assert_same(ours(TEXTS[0]), ref(TEXTS[0]))
+    assert_same(ours(TEXTS), ref(TEXTS))  # the default top_k (5), as transformers 5
+    assert len(ours(TEXTS[0])) == 5
     targets = [t for t in sorted(ref.tokenizer.get_vocab()) if t.startswith("Ġ")][:3]
     assert_same(ours(TEXTS[0], targets=targets), ref(TEXTS[0], targets=targets))
     assert ours.stats.compiles <= 2
@@ -61,10 +63,15 @@ def test_fill_mask_equals_transformers(mlm_dir):
 
 
 @pytest.fixture(scope="session")
-def classifiers(tmp_path_factory):
-    d = text_checkpoint(str(tmp_path_factory.mktemp("cls")), "Data2VecTextForSequenceClassification",
-                        num_labels=3, id2label={0: "austen", 1: "bronte", 2: "eliot"})
-    return fd.pipeline("text-classification", d, batch_size=4), transformers.pipeline("text-classification", model=d)
+def cls_dir(tmp_path_factory):
+    return text_checkpoint(str(tmp_path_factory.mktemp("cls")), "Data2VecTextForSequenceClassification",
+                           num_labels=3, id2label={0: "austen", 1: "bronte", 2: "eliot"})
+
+
+@pytest.fixture(scope="session")
+def classifiers(cls_dir):
+    return (fd.pipeline("text-classification", cls_dir, batch_size=4),
+            transformers.pipeline("text-classification", model=cls_dir))
 
 
 @pytest.mark.parametrize("options", [{}, {"top_k": None}, {"top_k": 2, "function_to_apply": "sigmoid"},
@@ -176,3 +183,45 @@ def test_greedy_generation_gives_the_tokens_of_transformers_generate(tmp_path):
     again = gen(prompts[0], max_new_tokens=6, do_sample=True, top_k=5, top_p=0.9, temperature=0.8, seed=3)
     assert sampled == again and sampled[0]["generated_text"].startswith(prompts[0])
     assert gen.stats.compiles == 2  # greedy and sampling: one decode loop each
+
+
+def test_feature_extraction_and_embed_from_a_head_checkpoint(cls_dir):
+    """A head checkpoint serves feature-extraction with its encoder, as transformers' pipeline loads it (AutoModel)."""
+    ours = fd.pipeline("feature-extraction", cls_dir, batch_size=4)
+    assert ours.model.architecture == "Data2VecTextModel"
+    ref = transformers.pipeline("feature-extraction", model=cls_dir)
+    hidden = [np.array(ref(t))[0] for t in SENTENCES]
+    for text, h in zip(SENTENCES, hidden):
+        np.testing.assert_allclose(np.array(ours(text))[0], h, atol=1e-4)
+    np.testing.assert_allclose(fd.embed(SENTENCES, cls_dir), np.stack([h.mean(0) for h in hidden]), atol=1e-4)
+
+
+def test_cli_parallel_flag(cls_dir, mlm_dir, capsys, monkeypatch, tmp_path):
+    """`--parallel jit|pmap` on every pipeline command (documented in --help) reaches the pipeline; pmap gives
+    jit's outputs."""
+    from flax_data2vec import __main__ as cli
+    from flax_data2vec.pipelines import base
+    for command in ("transcribe", "classify", "embed", "fill-mask", "evaluate"):
+        with pytest.raises(SystemExit):
+            cli.parser().parse_args([command, "--help"])
+        assert "--parallel {jit,pmap}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.parser().parse_args(["classify", "x", "--model", cls_dir, "--parallel", "vmap"])
+    assert "invalid choice: 'vmap'" in capsys.readouterr().err
+    used, init = [], base.Forward.__init__
+
+    def spy(self, fn, params, mesh, parallel="jit"):
+        used.append(parallel)
+        init(self, fn, params, mesh, parallel)
+    monkeypatch.setattr(base.Forward, "__init__", spy)
+    runs = {}
+    for parallel in ("jit", "pmap"):
+        assert cli.main(["classify", *SENTENCES, "--model", cls_dir, "--parallel", parallel, "--progress",
+                         "false", "--top-k", "3"]) == 0
+        runs[parallel] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert used == ["jit", "pmap"]
+    assert_same(runs["pmap"], runs["jit"])
+    assert cli.main(["fill-mask", TEXTS[0], "--model", mlm_dir, "--parallel", "pmap", "--progress", "false"]) == 0
+    assert cli.main(["embed", *SENTENCES, "--model", cls_dir, "--parallel", "pmap", "--progress", "false",
+                     "--output", str(tmp_path / "e.npy")]) == 0
+    assert used[2:] == ["pmap", "pmap"] and np.load(tmp_path / "e.npy").shape == (3, 32)

@@ -110,30 +110,30 @@ class AutomaticSpeechRecognitionPipeline(AudioPipeline):
         if timestamps == "char" and self.decoder is not None:
             raise ValueError("beam-search decoding gives word timestamps only: use return_timestamps='word'")
         waves = self.waveforms(items)
-        pieces = self._pieces(waves, chunk_s, stride_s)
+        pieces, longest = self._pieces(waves, chunk_s, stride_s)
         for p in pieces:
             check_long_enough(p.samples, self.config, f"input {p.item}" + (" (a chunk of it)" if p.stride else ""))
         batches = [[pieces[i] for i in b] for b in length_batches([len(p.samples) for p in pieces], self.batch_size)]
-        done = run_overlapped(batches, self._prepare, lambda b: self.forward(*b[1]), self._finish, self.stats)
+        # chunks pad to the chunk length at most: full chunks pad nothing, and all share one shape
+        prepare = lambda batch: (batch, self.prepare([p.samples for p in batch], longest))  # noqa: E731
+        done = run_overlapped(batches, prepare, lambda b: self.forward(*b[1]), self._finish, self.stats)
         kept = {id(p): v for batch in done for p, v in batch}
         per_item: list[list[np.ndarray]] = [[] for _ in items]
         for p in pieces:  # chunk order
             per_item[p.item].append(kept[id(p)])
         return [self._decode(np.concatenate(v, axis=0), timestamps, decoder_kwargs) for v in per_item]
 
-    def _pieces(self, waves: list[np.ndarray], chunk_s: float, stride_s) -> list[Piece]:
+    def _pieces(self, waves: list[np.ndarray], chunk_s: float, stride_s) -> tuple[list[Piece], int | None]:
+        """The pieces to run, and the chunk length in samples (None without chunking)."""
         if not chunk_s:
-            return [Piece(i, x, None) for i, x in enumerate(waves)]
+            return [Piece(i, x, None) for i, x in enumerate(waves)], None
         stride_s = chunk_s / 6 if stride_s is None else stride_s
         left_s, right_s = (stride_s, stride_s) if isinstance(stride_s, (int, float)) else stride_s
         to_samples = lambda s: int(round(s * self.sampling_rate / self.align_to) * self.align_to)  # noqa: E731
         chunk_len, left, right = to_samples(chunk_s), to_samples(left_s), to_samples(right_s)
         if chunk_len < left + right:
             raise ValueError(f"chunk_length_s ({chunk_s}) must be longer than the two strides ({left_s} + {right_s})")
-        return [p for i, x in enumerate(waves) for p in chunk_pieces(i, x, chunk_len, left, right)]
-
-    def _prepare(self, batch: list[Piece]):
-        return batch, self.prepare([p.samples for p in batch])
+        return [p for i, x in enumerate(waves) for p in chunk_pieces(i, x, chunk_len, left, right)], chunk_len
 
     def _finish(self, prepared, out):
         batch = prepared[0]

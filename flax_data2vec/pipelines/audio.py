@@ -11,7 +11,7 @@ import numpy as np
 
 from .. import processors
 from ..audio import conv_output_lengths
-from .base import Model, Pipeline, bucket, length_batches, pad_rows, run_overlapped
+from .base import Model, Pipeline, apply_function, bucket, length_batches, pad_rows, run_overlapped
 from .inputs import check_long_enough, to_waveform
 
 
@@ -37,11 +37,13 @@ class AudioPipeline(Pipeline):
             check_long_enough(x, self.config, f"input {i}")
         return waves
 
-    def prepare(self, waves: list[np.ndarray]):
-        """Normalised (by the feature extractor), padded to a bucket, with the attention mask."""
+    def prepare(self, waves: list[np.ndarray], longest: int | None = None):
+        """Normalised (by the feature extractor), padded to a bucket (or to `longest`, the most samples any input
+        can have, e.g. a chunk's, where that is less), with the attention mask."""
         rows = [np.asarray(self.feature_extractor(w, sampling_rate=self.sampling_rate)["input_values"][0],
                            np.float32) for w in waves]
-        width = bucket(max(len(r) for r in rows), self.sampling_rate, self.sampling_rate // 5)
+        width = bucket(max(len(r) for r in rows), self.sampling_rate, self.config.inputs_to_logits_ratio,
+                       maximum=longest)
         x = pad_rows(rows, width, self.batch_size, 0.0)
         mask = pad_rows([np.ones(len(r), np.int32) for r in rows], width, self.batch_size, 0)
         mask[len(rows):, :self.config.receptive_field] = 1  # filler rows: one real frame keeps them finite
@@ -70,21 +72,31 @@ def _labels(config, scores: np.ndarray, top_k: int | None) -> list[dict]:
     return [{"score": float(scores[i]), "label": id2label[int(i)]} for i in order]
 
 
+def _scores(config, logits: np.ndarray, function) -> np.ndarray:
+    """transformers 5's audio-classification scores: softmax, unless `function_to_apply` or the config's
+    problem type (regression: none, multi-label: sigmoid) says otherwise."""
+    if function is None:
+        function = {"regression": "none", "multi_label_classification": "sigmoid"}.get(config.problem_type,
+                                                                                        "softmax")
+    return apply_function(logits, function)
+
+
 class AudioClassificationPipeline(AudioPipeline):
-    """`audio-classification`: the top_k labels with softmax scores."""
+    """`audio-classification`: labels with scores, every label unless `top_k` is given (as transformers 5)."""
 
     task = "audio-classification"
     architectures = ("Data2VecAudioForSequenceClassification",)
 
     def forward_fn(self, params, x, mask):
-        return jax.nn.softmax(self.apply(params, x, mask).logits.astype(jnp.float32), axis=-1)
+        return self.apply(params, x, mask).logits.astype(jnp.float32)
 
     def run(self, items: list, options: dict) -> list:
-        top_k = options.pop("top_k", 5)
+        top_k, function = options.pop("top_k", None), options.pop("function_to_apply", None)
         if options:
             raise TypeError(f"unknown audio-classification options: {sorted(options)}")
         top_k = None if top_k is None else min(top_k, self.config.num_labels)
-        return [_labels(self.config, p, top_k) for p in self.batched(self.waveforms(items))]
+        return [_labels(self.config, _scores(self.config, row, function), top_k)
+                for row in self.batched(self.waveforms(items))]
 
 
 def merge_segments(labels: list[str], scores: np.ndarray, seconds_per_frame: float) -> list[dict]:
@@ -119,12 +131,11 @@ class AudioFrameClassificationPipeline(AudioPipeline):
         for w, logits in zip(waves, self.batched(waves)):
             logits = logits[:self.frames(w)]
             if multi:
-                probs = 1 / (1 + np.exp(-logits))
+                probs = apply_function(logits, "sigmoid")
                 out.append({"frames": [[id2label[j] for j in np.flatnonzero(p >= threshold)] for p in probs],
                             "scores": probs})
                 continue
-            e = np.exp(logits - logits.max(-1, keepdims=True))
-            probs = e / e.sum(-1, keepdims=True)
+            probs = apply_function(logits, "softmax")
             best = probs.argmax(-1)
             labels = [id2label[int(j)] for j in best]
             out.append({"frames": labels, "scores": probs,

@@ -31,13 +31,17 @@ def round_up(n: int, multiple: int) -> int:
     return -(-int(n) // multiple) * multiple
 
 
-def bucket(length: int, minimum: int, multiple: int, ratio: float = 1.25, maximum: int | None = None) -> int:
-    """The padded length for `length`: the first of minimum·ratio^k (rounded up to `multiple`) that holds it,
-    capped at `maximum`; a few dozen shapes cover every length from `minimum` to hours."""
-    size = round_up(minimum, multiple)
-    while size < length:
-        size = round_up(max(size * ratio, size + multiple), multiple)
-    return size if maximum is None else min(size, maximum)
+def bucket(length: int, minimum: int, multiple: int, maximum: int | None = None) -> int:
+    """The padded length for `length`: the first of minimum·{1, 1.25, 1.5, 1.75}·2^k (rounded up to `multiple`)
+    that holds it, capped at `maximum`. Four sizes an octave (at most 25 % padding), a few dozen from `minimum`
+    to hours; the octaves keep round sizes exact (128 or 512 tokens, 10 s or 20 s of audio from a 1-s minimum)."""
+    octave = 1
+    while True:
+        for quarters in (4, 5, 6, 7):
+            size = round_up(-(-minimum * octave * quarters // 4), multiple)
+            if size >= length:
+                return size if maximum is None else min(size, maximum)
+        octave *= 2
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None, mesh: Mesh | None = None) -> Mesh:
@@ -135,6 +139,22 @@ def pad_rows(rows: Sequence[np.ndarray], width: int, rows_total: int, value=0) -
     for i, r in enumerate(rows):
         out[i, :len(r)] = r
     return out
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def apply_function(logits: np.ndarray, function) -> np.ndarray:
+    """Scores from logits by transformers' `function_to_apply`: 'softmax', 'sigmoid' or 'none' (any case, or
+    its ClassificationFunction enum)."""
+    function = str(getattr(function, "value", function)).lower()
+    if function not in ("softmax", "sigmoid", "none"):
+        raise ValueError(f"function_to_apply must be 'softmax', 'sigmoid' or 'none', got {function!r}")
+    if function == "softmax":
+        return softmax(logits)
+    return 1 / (1 + np.exp(-logits)) if function == "sigmoid" else logits
 
 
 @dataclasses.dataclass

@@ -13,12 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import processors
-from .base import Model, Pipeline, bucket, length_batches, pad_rows, run_overlapped
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
+from .base import Model, Pipeline, apply_function, bucket, length_batches, pad_rows, run_overlapped, softmax
 
 
 class TextPipeline(Pipeline):
@@ -177,10 +172,7 @@ class TextClassificationPipeline(TextPipeline):
                 function = "sigmoid"
             else:
                 function = "softmax"
-        function = str(getattr(function, "value", function)).lower()
-        if function not in ("softmax", "sigmoid", "none"):
-            raise ValueError(f"function_to_apply must be 'softmax', 'sigmoid' or 'none', got {function!r}")
-        scores = {"softmax": softmax, "sigmoid": lambda x: 1 / (1 + np.exp(-x)), "none": lambda x: x}[function](logits)
+        scores = apply_function(logits, function)
         id2label = dict(c.id2label)
         if top_k == 1 and legacy:
             return {"label": id2label[int(scores.argmax())], "score": float(scores.max())}
