@@ -26,6 +26,9 @@ ENV_VARS = ("XLA_FLAGS", "JAX_PLATFORMS", "JAX_ENABLE_X64", "OMP_NUM_THREADS", "
             "XLA_PYTHON_CLIENT_MEM_FRACTION")
 
 
+CONTENTION_RETRIES = 3  # set from --retries by setup()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # command line
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -37,6 +40,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed runs per variant (after the warm-ups)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs per variant after compilation")
     p.add_argument("--json", default=None, help="also write the table and machine info to this JSON path")
+    p.add_argument("--retries", type=int, default=3,
+                   help="repeats of a timed call during which other processes were busy (0 on a loaded machine)")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                    help="first wait up to this long for the 1-min load average to fall below 0.5")
     return p
@@ -48,6 +53,8 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     if args.quick:
         args.repeats, args.warmup = min(args.repeats, 1), min(args.warmup, 1)
+    global CONTENTION_RETRIES
+    CONTENTION_RETRIES = args.retries
     if args.device == "gpu":
         if jax.default_backend() != "gpu" or not torch.cuda.is_available():
             raise SystemExit("--device gpu needs a CUDA build of both jax and torch")
@@ -215,13 +222,14 @@ def _timed_call(fn: Callable[[], Any]) -> tuple[float, float | None]:
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int,
                      compile_s: dict[str, float] | None = None, verbose: bool = True,
-                     max_foreign: float = 0.15, retries: int = 3) -> dict[str, Timing]:
+                     max_foreign: float = 0.15, retries: int | None = None) -> dict[str, Timing]:
     """Run every fn `warmup` times, then `repeats` rounds of all fns in rotating order; each fn must sync.
 
     Alternating runs (A B, B A, ...) keep slow drift from favouring one side. A timed call during which
     other processes used more than `max_foreign` of a core (from /proc/stat) is repeated, up to
-    `retries` times; the last try is kept and counted in `Timing.contended`.
+    `retries` times (default: --retries); the last try is kept and counted in `Timing.contended`.
     """
+    retries = CONTENTION_RETRIES if retries is None else retries
     names = list(fns)
     for _ in range(warmup):
         for n in names:

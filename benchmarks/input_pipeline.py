@@ -1,10 +1,11 @@
 """Input pipeline throughput, old loader beside new, by worker count, in one run.
 
 Old: the threaded `BatchIterator` (+ the loop's `prefetch` thread) of the commit before input_pipeline.py
-existed, exported with `git archive` into a temp dir. New: the Grain `BatchIterator` of this tree. Each
-(loader, data, workers) cell runs in a fresh subprocess with only that tree's `flax_data2vec` on the path;
-cells are interleaved old/new and repeated, and the median is reported. Old workers are decoding threads,
-new ones processes; 0 = one background thread (old: the loop's prefetch thread; new: Grain's).
+existed, or the Grain one of `--old REF`, exported with `git archive` into a temp dir. New: the Grain
+`BatchIterator` of this tree. Each (loader, data, workers) cell runs in a fresh subprocess with only that
+tree's `flax_data2vec` on the path; cells are interleaved old/new and repeated, and the median is reported.
+Threaded workers are decoding threads, Grain's are processes; 0 = one background thread (threaded: the
+loop's prefetch thread; Grain: its own).
 
 Data: the shipped speech clips (data/speech_digits, 0.85 s on average), 12-s clips made by concatenating
 them (FLAC, 16 kHz, in a temp dir), and the shipped text corpus as 512-token pre-training rows with the
@@ -16,6 +17,7 @@ data2vec text mask drawn per batch (TextDataset(split_long), which both trees ha
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -60,8 +62,9 @@ def _dataset(cell: dict):
 def _iterator(cell: dict, ds, transform):
     import flax_data2vec.train.data as D
     workers = cell["workers"]
-    if cell["loader"] == "new":
-        return D.BatchIterator(ds, BATCH, multiple=320 if cell["data"] != "text" else 8, n_buckets=3, seed=0,
+    if importlib.util.find_spec("flax_data2vec.train.input_pipeline"):  # a Grain tree
+        from flax_data2vec.train.input_pipeline import BatchIterator
+        return BatchIterator(ds, BATCH, multiple=320 if cell["data"] != "text" else 8, n_buckets=3, seed=0,
                                num_workers=workers, prefetch=4, transform=transform)
     it = D.BatchIterator(ds, BATCH, multiple=320 if cell["data"] != "text" else 8, n_buckets=3, seed=0,
                          num_workers=workers)
@@ -99,14 +102,17 @@ def run_cell(cell: dict) -> dict:
 
 # ----------------------------------------------------------------------------- the run
 
-def _old_tree(out: str) -> tuple[str, str]:
-    """(folder holding the old flax_data2vec, its commit): the parent of the commit that added input_pipeline.py."""
-    added = subprocess.run(["git", "log", "-n1", "--diff-filter=A", "--format=%H", "--",
-                            "flax_data2vec/train/input_pipeline.py"], cwd=ROOT, capture_output=True, text=True,
-                           check=True).stdout.strip()
-    if not added:
-        raise SystemExit("input_pipeline.py is not committed: nothing to compare against")
-    ref = subprocess.run(["git", "rev-parse", f"{added}^"], cwd=ROOT, capture_output=True, text=True,
+def _old_tree(out: str, ref: str = "") -> tuple[str, str]:
+    """(folder holding the old flax_data2vec, its commit): `ref`, or the parent of the commit that added
+    input_pipeline.py (the threaded loader)."""
+    if not ref:
+        added = subprocess.run(["git", "log", "-n1", "--diff-filter=A", "--format=%H", "--",
+                                "flax_data2vec/train/input_pipeline.py"], cwd=ROOT, capture_output=True, text=True,
+                               check=True).stdout.strip()
+        if not added:
+            raise SystemExit("input_pipeline.py is not committed: nothing to compare against")
+        ref = f"{added}^"
+    ref = subprocess.run(["git", "rev-parse", ref], cwd=ROOT, capture_output=True, text=True,
                          check=True).stdout.strip()
     archive = subprocess.run(["git", "archive", ref, "flax_data2vec"], cwd=ROOT, capture_output=True, check=True)
     subprocess.run(["tar", "-x", "-C", out], input=archive.stdout, check=True)
@@ -148,6 +154,8 @@ def main() -> None:
     p.add_argument("--data", nargs="+", default=["short", "12s", "text"], choices=["short", "12s", "text"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seconds", type=float, default=4.0, help="timed seconds per cell")
+    p.add_argument("--old", default="", metavar="REF", help="commit of the old loader (default: the threaded one "
+                   "before Grain; a Grain commit compares two Grain loaders)")
     p.add_argument("--json", default=None)
     p.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # internal: run one cell, print JSON
     args = p.parse_args()
@@ -159,7 +167,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         os.mkdir(os.path.join(tmp, "old"))
-        old_tree, old_ref = _old_tree(os.path.join(tmp, "old"))
+        old_tree, old_ref = _old_tree(os.path.join(tmp, "old"), args.old)
         manifests = {"short": os.path.join(SPEECH, "train.jsonl"), "12s": _long_clips(tmp), "text": ""}
         trees = {"old": old_tree, "new": ROOT}
         cells = [{"data": d, "workers": w, "loader": loader, "manifest": manifests[d], "seconds": args.seconds}

@@ -2,6 +2,7 @@
 
     python -m benchmarks.train_step                   # CPU fp32: text MLM 8 x 128, audio CTC 2 x 5 s
     python -m benchmarks.train_step --quick           # tiny shapes, smoke test (also checks the losses agree)
+    python -m benchmarks.train_step --layers 2        # base width and shapes, 2 layers (a busy machine)
     python -m benchmarks.train_step --device gpu      # bf16: text MLM 32 x 512, audio CTC 8 x 15 s, + cuDNN
 
 Text: Data2VecTextForMaskedLM, 15% of positions per row masked (a static count), labels -100 elsewhere.
@@ -100,10 +101,10 @@ def bench_text(args, rows: list, extra: dict) -> None:
     gpu = args.device == "gpu"
     tdev = "cuda" if gpu else "cpu"
     batch, length = (2, 16) if args.quick else ((32, 512) if gpu else (8, 128))
-    cfg = models.text_config(args.quick, **({"attention_probs_dropout_prob": 0.0} if gpu else {}))
+    cfg = models.text_config(args.quick, **layers(args), **({"attention_probs_dropout_prob": 0.0} if gpu else {}))
     tmodel = models.torch_model("Data2VecTextForMaskedLM", cfg, tdev).train()
     inputs, labels, positions, targets = mlm_batch(batch, length, cfg.vocab_size, cfg.vocab_size - 1)
-    wl = f"text Data2VecTextForMaskedLM train {batch}x{length} {'bf16' if gpu else 'fp32'}"
+    wl = f"text Data2VecTextForMaskedLM{depth(cfg)} train {batch}x{length} {'bf16' if gpu else 'fp32'}"
     dtype = jnp.bfloat16 if gpu else jnp.float32
     full_batch = {"ids": jnp.asarray(inputs, jnp.int32), "labels": jnp.asarray(labels, jnp.int32)}
     masked_batch = {"ids": full_batch["ids"], "positions": jnp.asarray(positions, jnp.int32),
@@ -177,14 +178,15 @@ def bench_audio(args, rows: list, extra: dict) -> None:
     gpu = args.device == "gpu"
     tdev = "cuda" if gpu else "cpu"
     batch, seconds = (2, 1.0) if args.quick else ((8, 15.0) if gpu else (2, 5.0))
-    cfg = models.audio_config(args.quick, layerdrop=0.0, **({"attention_dropout": 0.0} if gpu else {}))
+    cfg = models.audio_config(args.quick, layerdrop=0.0, **layers(args), **({"attention_dropout": 0.0} if gpu else {}))
     tmodel = models.torch_model("Data2VecAudioForCTC", cfg, tdev).train()
     tmodel.freeze_feature_encoder()
     wave = models.waveform(batch, seconds)
     frames = models.frames_for(cfg, wave.shape[1])
     label_len = max(2, frames // 5)  # ~10 characters per second of speech
     labels = np.random.default_rng(1).integers(1, cfg.vocab_size, (batch, label_len)).astype(np.int64)
-    wl = f"audio Data2VecAudioForCTC train {batch}x{seconds:g}s ({frames} frames) {'bf16' if gpu else 'fp32'}"
+    wl = (f"audio Data2VecAudioForCTC{depth(cfg)} train {batch}x{seconds:g}s ({frames} frames) "
+          f"{'bf16' if gpu else 'fp32'}")
     dtype = jnp.bfloat16 if gpu else jnp.float32
     jbatch = {"wave": jnp.asarray(wave), "labels": jnp.asarray(labels, jnp.int32)}
 
@@ -217,8 +219,20 @@ def bench_audio(args, rows: list, extra: dict) -> None:
     _add_rows(rows, wl, timings, flops, batch * seconds, "audio-s", torch_name)
 
 
+def layers(args) -> dict:
+    """Config override of --layers (the model's width and the shapes stay): a smaller run of the same step."""
+    return {"num_hidden_layers": args.layers} if args.layers else {}
+
+
+def depth(cfg) -> str:
+    """' (2 layers)' in a workload's name when --layers changed the depth from the config's default."""
+    return "" if cfg.num_hidden_layers == type(cfg)().num_hidden_layers else f" ({cfg.num_hidden_layers} layers)"
+
+
 def main(argv=None) -> None:
-    args = common.base_parser(__doc__.splitlines()[0]).parse_args(argv)
+    parser = common.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=0, help="Transformer layers (0: the config's; base: 12)")
+    args = parser.parse_args(argv)
     info = common.setup(args)
     rows: list[common.Row] = []
     extra: dict = {}

@@ -111,6 +111,22 @@ def noise_and_worker(batch: dict, rng: np.random.Generator) -> dict:
             "jax_initialised": np.array(xla_bridge.backends_are_initialized())}
 
 
+def test_a_prefix_attention_mask_travels_as_lengths():
+    """Workers send a prefix mask as row lengths; the consumer rebuilds the same array (values and dtype); any
+    other mask travels as it is."""
+    mask = np.zeros((3, 7), np.int32)
+    mask[0, :7], mask[1, :2] = 1, 1
+    batch = {"input_values": np.ones((3, 7), np.float32), "attention_mask": mask, "example_mask": np.ones(3)}
+    packed = P._pack(batch)
+    assert "attention_mask" not in packed
+    rebuilt = P._unpack(packed)
+    assert rebuilt.keys() == batch.keys() and rebuilt["attention_mask"].dtype == np.int32
+    np.testing.assert_array_equal(rebuilt["attention_mask"], mask)
+    holes = mask.copy()
+    holes[0, 3] = 0
+    assert P._pack({**batch, "attention_mask": holes})["attention_mask"] is holes
+
+
 def test_workers_in_a_fresh_interpreter():
     """The worker test below, run in its own interpreter: inside the whole suite, earlier tests leave this
     process in a state (seen, not yet explained) in which spawned workers report JAX as initialised."""
