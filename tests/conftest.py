@@ -8,11 +8,14 @@ import tempfile
 
 # One XLA compilation cache for the whole run, shared by pytest(-xdist) workers and the train_tpu.py subprocesses
 # they start (set before jax is imported; children inherit it): the same step or init kernel compiles once.
+# Only programs that took >= 1 s to compile are stored: with a size limit (which turns on the cache's file lock)
+# every store lists and stats the whole directory, so thousands of millisecond eager-op entries made each later
+# eager op cost ~10 ms of directory scanning (a tiny model's eager apply: 4 CPU-s alone, 50 CPU-s at 5000 entries).
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _JAX_CACHE = tempfile.mkdtemp(prefix="flax_data2vec-tests-xla-")
     atexit.register(shutil.rmtree, _JAX_CACHE, True)
-    os.environ.update({"JAX_COMPILATION_CACHE_DIR": _JAX_CACHE, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-                       "JAX_COMPILATION_CACHE_MAX_SIZE": str(8 << 30)})  # a size limit turns on its file lock
+    os.environ.update({"JAX_COMPILATION_CACHE_DIR": _JAX_CACHE, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1",
+                       "JAX_COMPILATION_CACHE_MAX_SIZE": str(8 << 30)})
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
