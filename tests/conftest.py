@@ -8,11 +8,14 @@ import tempfile
 
 # One XLA compilation cache for the whole run, shared by pytest(-xdist) workers and the train_tpu.py subprocesses
 # they start (set before jax is imported; children inherit it): the same step or init kernel compiles once.
+# Only programs that took >= 1 s to compile are stored: with a size limit (which turns on the cache's file lock)
+# every store lists and stats the whole directory, so thousands of millisecond eager-op entries made each later
+# eager op cost ~10 ms of directory scanning (a tiny model's eager apply: 4 CPU-s alone, 50 CPU-s at 5000 entries).
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _JAX_CACHE = tempfile.mkdtemp(prefix="flax_data2vec-tests-xla-")
     atexit.register(shutil.rmtree, _JAX_CACHE, True)
-    os.environ.update({"JAX_COMPILATION_CACHE_DIR": _JAX_CACHE, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-                       "JAX_COMPILATION_CACHE_MAX_SIZE": str(8 << 30)})  # a size limit turns on its file lock
+    os.environ.update({"JAX_COMPILATION_CACHE_DIR": _JAX_CACHE, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1",
+                       "JAX_COMPILATION_CACHE_MAX_SIZE": str(8 << 30)})
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -137,10 +140,21 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "xdist_group(name): run on one pytest-xdist worker (--dist loadgroup)")
 
 
+# Files whose single tests run whole training jobs or notebooks (minutes each), slowest first: collected first, so
+# xdist hands them out first (after the multi-test groups, which it sorts ahead) and no long test starts last while
+# the other worker idles. Order within a file is kept, so its module fixtures are still set up once.
+HEAVY_FIRST = ("test_pretrain2.py", "test_notebooks.py", "test_pretrain_tasks.py", "test_train_tasks.py",
+               "test_audio.py", "test_text.py", "test_speaker_verification.py", "test_question_answering.py",
+               "test_data2vec2.py", "test_frame_classification.py")
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
-    """Under `pytest -n N --dist loadgroup`, tests sharing a module- or session-scoped fixture (a trained model,
-    converted checkpoints) run on one worker, so that fixture is built once rather than once per worker."""
+    """Heavy files first (HEAVY_FIRST). Under `pytest -n N --dist loadgroup`, tests sharing a module- or
+    session-scoped fixture (a trained model, converted checkpoints) run on one worker, so that fixture is built
+    once rather than once per worker."""
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items[:] = sorted(items, key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
     for item in items:
         defs = [d for ds in item._fixtureinfo.name2fixturedefs.values() for d in ds[-1:]
                 if d.baseid and d.scope in ("module", "session")]  # pytest's own (tmp_path_factory) have no baseid

@@ -45,7 +45,9 @@ def test_pretraining_learns_and_fine_tunes(tmp_path, task):
 
 def test_pretraining_devices_agree(tmp_path):
     """Student, teacher and EMA in one step: 1 device == 8-device jit mesh == pmap."""
-    args = JOBS["pretrain-text"] + ["--max-steps", "3", "--log-every", "1", "--eval-every", "1000"]
+    two_layers = json.dumps({**json.loads(TEXT_NO_DROPOUT), "num_hidden_layers": 2})  # top_k 2: still a mean
+    args = JOBS["pretrain-text"] + ["--max-steps", "3", "--log-every", "1", "--eval-every", "1000",
+                                    "--model-config", two_layers]  # the later --model-config wins
     run(args + ["--output-dir", str(tmp_path / "one")])
     eight = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     run(args + ["--output-dir", str(tmp_path / "mesh")], eight)
