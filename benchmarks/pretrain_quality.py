@@ -23,7 +23,8 @@ from flax_data2vec.train.config import TrainConfig
 from flax_data2vec.train.loop import Trainer, train
 
 FT = dict(learning_rate=1e-3, schedule="tri_stage", tri_stage_ratios=(0.1, 0.7, 0.2),  # the from-scratch recipe
-          freeze_feature_encoder=False, mask_time_prob=0.0)  # the same for every start: 2.0 has no SpecAugment
+          freeze_feature_encoder=False)  # the same for every start
+NO_SPEC_AUGMENT = dict(mask_time_prob=0.0)  # v1 heads only: 2.0 has no SpecAugment (and no such config field)
 
 
 def cpu_seconds() -> float:
@@ -102,13 +103,26 @@ def fine_tune(args, out: str, starts: dict[str, str]) -> dict[str, list[dict]]:
         directory = os.path.join(out, "ctc_" + name.split()[0])
         cfg = TrainConfig(task="ctc", model=model, max_steps=args.ft_steps, eval_every=args.ft_eval_every,
                           log_every=args.ft_eval_every, save_every=args.ft_steps, keep_checkpoints=1,
-                          output_dir=directory, progress=False, seed=args.seed, n_buckets=1, **FT)
+                          output_dir=directory, progress=False, seed=args.seed, n_buckets=1, **FT,
+                          **({} if name.startswith("2.0") else NO_SPEC_AUGMENT))
         done = os.path.join(directory, "model")
         log = CpuLog() if os.path.isdir(done) else run(cfg)
         rows = log.rows or [json.loads(line) for line in open(os.path.join(directory, "metrics.jsonl"))]
         curves[name] = [{k: r[k] for k in ("step", "eval_cer", "eval_wer", "eval_loss")} for r in rows
                         if "eval_cer" in r]
     return curves
+
+
+def logged_curves(out: str, names) -> dict[str, list[dict]]:
+    """The eval rows each start's run has written so far (finished or not): --plot-only."""
+    curves = {}
+    for name in names:
+        path = os.path.join(out, "ctc_" + name.split()[0], "metrics.jsonl")
+        if os.path.exists(path):
+            rows = [json.loads(line) for line in open(path)]
+            curves[name] = [{k: r[k] for k in ("step", "eval_cer", "eval_wer", "eval_loss")} for r in rows
+                            if "eval_cer" in r]
+    return {k: v for k, v in curves.items() if v}
 
 
 def plot(record: dict, curves: dict, path: str) -> None:
@@ -121,13 +135,14 @@ def plot(record: dict, curves: dict, path: str) -> None:
         steps = [r["step"] for r in rows]
         a.plot([s * record[key]["cpu_s_per_step"] for s in steps], [r["loss"] / rows[0]["loss"] for r in rows],
                label=f"{label}: {record[key]['steps']} updates")
+    spent = {k: record[k]["steps"] * record[k]["cpu_s_per_step"] for k in ("v1", "v2")}
     a.set(xlabel="pre-training CPU seconds (steps x measured CPU s/step)", ylabel="train loss / first logged loss",
-          title=f"pre-training, equal budget {record['budget_cpu_s']:.0f} CPU s")
+          title=f"pre-training CPU s: 2.0 {spent['v2']:.0f}, v1 {spent['v1']:.0f} (sized to 2.0's)")
     a.legend()
     for name, rows in curves.items():
         b.plot([r["step"] for r in rows], [100 * r["eval_cer"] for r in rows], marker="o", label=name)
     b.set(xlabel="CTC fine-tuning step (identical settings)", ylabel="eval CER (%)", ylim=(0, None),
-          title="CTC fine-tuning on the shipped speech (100 eval utterances)")
+          title="CTC fine-tuning, 100 eval utterances")
     b.legend()
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -155,6 +170,7 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--starts", nargs="*", default=(), help="fine-tune only these starts (to split the work "
                    "over processes); a scratch-only call needs no pre-training")
+    p.add_argument("--plot-only", action="store_true", help="plot what the runs in --out have logged so far")
     p.add_argument("--out", default="/tmp/pretrain_quality", help="run directories (resumed if present)")
     p.add_argument("--json", default="benchmarks/results/pretrain_quality.json")
     p.add_argument("--figure", default="benchmarks/figures/pretrain_quality.png")
@@ -167,7 +183,7 @@ def main(argv=None) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     if args.starts and all("scratch" in k for k in args.starts):  # needs no pre-training
         fine_tune(args, args.out, {k: {"v1-arch scratch": "tiny"}.get(k) or untrained_v2(args.out, args)
-                                            for k in args.starts})
+                                   for k in args.starts})
         return
     record = pretrain(args, args.out)
     print(f"# budget {record['budget_cpu_s']:.0f} CPU s: 2.0 {record['v2']['steps']} updates at "
@@ -177,14 +193,17 @@ def main(argv=None) -> None:
     starts = {"v1 pre-trained": os.path.join(args.out, "pretrain1", "model"),
               "2.0 pre-trained": os.path.join(args.out, "pretrain2", "model"),
               "v1-arch scratch": "tiny", "2.0-arch scratch": untrained_v2(args.out, args)}
-    curves = fine_tune(args, args.out, {k: v for k, v in starts.items() if not args.starts or k in args.starts})
+    if args.plot_only:
+        curves = logged_curves(args.out, starts)
+    else:
+        curves = fine_tune(args, args.out, {k: v for k, v in starts.items() if not args.starts or k in args.starts})
     if args.starts:  # one part of a run split over processes; the last call, without --starts, plots
         return
     plot(record, curves, args.figure)
     print(table(record, curves))
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump({"args": vars(args), "fine_tune": {**FT, "tri_stage_ratios": list(FT["tri_stage_ratios"])},
+        json.dump({"args": vars(args), "fine_tune": {**FT, **NO_SPEC_AUGMENT, "tri_stage_ratios": [0.1, 0.7, 0.2]},
                    "pretrain": {k: v for k, v in record.items()}, "ctc": curves,
                    "wall_s": time.time() - t0, "load_average_end": os.getloadavg()}, f, indent=1)
     print(f"# wrote {args.json}; {time.time() - t0:.0f} s wall")
