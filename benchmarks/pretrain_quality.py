@@ -129,7 +129,7 @@ def plot(record: dict, curves: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4))
     for key, label in (("v1", "v1 (pretrain-audio)"), ("v2", "2.0 (pretrain2-audio, M=8)")):
         rows = [r for r in record[key]["log"] if "loss" in r]
         steps = [r["step"] for r in rows]
@@ -144,6 +144,10 @@ def plot(record: dict, curves: dict, path: str) -> None:
     b.set(xlabel="CTC fine-tuning step (identical settings)", ylabel="eval CER (%)", ylim=(0, None),
           title="CTC fine-tuning, 100 eval utterances")
     b.legend()
+    for name, rows in curves.items():
+        c.plot([r["step"] for r in rows], [r["eval_loss"] for r in rows], marker="o", label=name)
+    c.set(xlabel="CTC fine-tuning step", ylabel="eval CTC loss per utterance", title="the same runs: eval loss")
+    c.legend()
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=90)
