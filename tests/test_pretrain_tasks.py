@@ -67,3 +67,20 @@ def test_collapse_guard_stops_the_run():
         task.check_health({"target_var": 0.01, "pred_var": 0.5}, 6000)
     with pytest.raises(RuntimeError, match="collapse: pred var"):
         task.check_health({"target_var": 0.5, "pred_var": 0.001}, 6000)
+
+
+def test_a_one_step_run_has_no_warm_up():
+    """--max-steps 1 sizes the released warm-up fraction to 0 steps, so the cosine schedule is valid."""
+    from flax_data2vec import pretrain as d2v
+    from flax_data2vec import pretrain2 as p2
+    from flax_data2vec.train.config import TrainConfig
+    from flax_data2vec.train.tasks.pretrain import pretrain_config
+    from flax_data2vec.train.tasks.pretrain2 import pretrain2_config
+    for task, released in [("pretrain-text", d2v.Data2VecPretrainConfig.text()),
+                           ("pretrain2-audio", p2.Data2Vec2PretrainConfig.audio())]:
+        cfg = TrainConfig(task=task, max_steps=1)
+        make = pretrain2_config if task.startswith("pretrain2") else pretrain_config
+        p = make(cfg, released, depth=4)
+        assert p.warmup_steps == 0 and p.max_updates == 1
+        schedule = (p2 if task.startswith("pretrain2") else d2v).make_lr_schedule(p)
+        assert np.isfinite(float(schedule(0)))

@@ -69,6 +69,10 @@ def build(cfg: TrainConfig, architecture: str, task_changes: dict, tokenizer_siz
     stored, stored_params = load(cfg.model)
     architecture = data2vec2_peer(architecture, type(stored).__name__)
     cls = registry.model_class(architecture)
+    if architecture.startswith("Data2Vec2") and "mask_time_prob" in changes:
+        if changes.pop("mask_time_prob") > 0:  # 2.0 heads have no SpecAugment: refuse rather than ignore it
+            raise ValueError(f"--mask-time-prob {cfg.mask_time_prob}: {cfg.model} is a data2vec 2.0 model, whose "
+                             f"heads have no SpecAugment; leave --mask-time-prob unset (or 0)")
     config = stored.config.replace(**changes) if changes else stored.config
     if tokenizer_size is not None and tokenizer_size > config.vocab_size:
         raise ValueError(f"the tokenizer ({cfg.tokenizer or cfg.model}) has {tokenizer_size} tokens, but --model "

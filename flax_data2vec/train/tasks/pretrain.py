@@ -47,7 +47,8 @@ def pretrain_config(cfg: TrainConfig, released: d2v.Data2VecPretrainConfig, dept
     if not cfg.train_data:  # the shipped clips are 0.5-2 s: the recipe's 2-s minimum would drop nearly all
         changes["min_sample_size"] = 0
     if released.warmup_steps:  # keep the released warm-up fraction (10k of 1M updates) on shorter runs
-        changes["warmup_steps"] = max(1, round(released.warmup_steps * cfg.max_steps / released.max_updates))
+        fraction = round(released.warmup_steps * cfg.max_steps / released.max_updates)
+        changes["warmup_steps"] = min(max(1, fraction), cfg.max_steps - 1)  # a 1-step run: no warm-up
     p = dataclasses.replace(released, **changes)
     if p.top_k > depth:
         raise ValueError(f"top_k={p.top_k} exceeds the model's {depth} layers")
