@@ -141,9 +141,9 @@ def audio_model(cfg: TrainConfig, architecture: str, changes: dict) -> TaskModel
 
 
 def fine_tuning_labels(cfg: TrainConfig, architecture: str, freeze_cnn: bool) -> Callable[[tuple], str]:
-    """Optimizer label of each param: the CNN frozen (audio, when asked), the encoder delayed for
-    --freeze-encoder-steps, the head trained from the start."""
-    prefix = registry.base_prefix(architecture)
+    """Optimizer label of each param: the CNN frozen (audio, when asked), the encoder (v1 or 2.0, at
+    `registry.encoder_prefix`) delayed for --freeze-encoder-steps, the head trained from the start."""
+    prefix = registry.encoder_prefix(architecture)
 
     def label(path: tuple[str, ...]) -> str:
         if freeze_cnn and is_feature_encoder_param(path):
