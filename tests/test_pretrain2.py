@@ -288,7 +288,7 @@ def test_pretraining2_devices_agree(tmp_path, short_run):
               "train(parse_args(a + ['--output-dir', 'pmap', '--parallel', 'pmap']))")
     env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     proc = subprocess.run([sys.executable, "-c", script, *SHORT], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=900)
+                          text=True, timeout=2400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ref = losses(short_run)
     assert len(ref) == 4

@@ -65,8 +65,8 @@ def _task(cfg, p, student, dummy, loaded, inputs_key, train_data, eval_data, exp
     def decay(step):
         return d2v.ema_decay(step, p.ema_decay, p.ema_end_decay, p.ema_anneal_end_step)
 
-    def init():
-        params = student.init({"params": jax.random.PRNGKey(cfg.seed)}, *dummy)["params"]
+    def init():  # one compiled init, not one compile per op
+        params = jax.jit(lambda key: student.init({"params": key}, *dummy)["params"])(jax.random.PRNGKey(cfg.seed))
         return params if loaded is None else {**params, **loaded}
 
     def optimizer(params):
