@@ -268,7 +268,7 @@ def fine_tuning_task(cfg: TrainConfig, architecture: str, model: TaskModel,
     loss, eval_step = steps
     return Task(
         name=cfg.task, architecture=architecture, module=model.module, init=lambda: model.params,
-        optimizer=adamw(cfg, lr, schedule, fine_tuning_labels(cfg, architecture, frozen_cnn), ratios),
+        optimizer=adamw(cfg, lr, schedule, fine_tuning_labels(cfg, type(model.module).__name__, frozen_cnn), ratios),
         loss=loss, eval_step=eval_step, eval_metrics=eval_metrics, train_data=data[0], eval_data=data[1],
         export=export_as(model.module), identity=identity(cfg, architecture, model.module),
         best_metric=best[0], best_mode=best[1], save_assets=save_assets,
