@@ -33,17 +33,38 @@ PathPredicate = Callable[[tuple[str, ...]], bool]
 
 
 @dataclasses.dataclass(frozen=True)
-class Data2VecPretrainConfig:
+class PretrainBase:
+    """What the v1 and 2.0 pre-training configs share: the modality and fairseq's collapse guard (training stops
+    when the target or prediction variance falls under its threshold after `collapse_check_after` updates).
+
+    Sources: ``v1`` = ``examples/data2vec/models/data2vec_audio.py`` (the v1 text model has no such check),
+    ``v2`` = ``examples/data2vec/models/data2vec2.py`` (``Data2VecMultiConfig`` and ``forward``, both modalities).
+    """
+
+    modality: str = "audio"
+    # -- collapse guard ---------------------------------------------------------------------------
+    check_collapse: bool = True           # v1: audio only (text: False) | v2: both modalities
+    min_target_var: float = 0.1           # v1 / v2: min_target_var
+    min_pred_var: float = 0.01            # v1 / v2: min_pred_var
+    collapse_check_after: int = 5000      # v1 / v2: "if self.num_updates > 5000"
+
+    def __post_init__(self):
+        if self.modality not in ("audio", "text"):
+            raise ValueError(f"modality must be 'audio' or 'text', got {self.modality!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Data2VecPretrainConfig(PretrainBase):
     """Hyper-parameters of data2vec v1 pre-training; use :meth:`audio` / :meth:`text` for released values.
 
     The class defaults equal :meth:`audio`. Sources (fairseq, per-field comments):
     ``A`` = ``examples/data2vec/config/audio/pretraining/base_librispeech.yaml``,
     ``T`` = ``examples/data2vec/config/text/pretraining/base.yaml``,
     ``M`` = ``examples/data2vec/models/data2vec_{audio,text}.py`` (dataclass defaults and code),
-    ``S`` = ``fairseq/optim/lr_scheduler/tri_stage_lr_scheduler.py`` defaults.
+    ``S`` = ``fairseq/optim/lr_scheduler/tri_stage_lr_scheduler.py`` defaults; modality and collapse guard:
+    :class:`PretrainBase`.
     """
 
-    modality: str = "audio"
     # -- masking ------------------------------------------------------------------------------
     mask_prob: float = 0.65              # A: model.mask_prob          | T: task.mask_prob 0.35
     mask_length: int = 10                # A: model.mask_length        | T: task.mask_multiple_length 4
@@ -91,15 +112,9 @@ class Data2VecPretrainConfig:
     # The teacher's input: "unmasked" (the paper) or "masked" (fairseq's released text code: the original
     # tokens at masked positions only, pad elsewhere; fairseq#4881). Audio teachers always see the unmasked input.
     teacher_input: str = "unmasked"
-    # -- collapse guard (M audio: min_target_var, min_pred_var, "num_updates > 5000") ----------
-    check_collapse: bool = True          # the text model has no such check
-    min_target_var: float = 0.1
-    min_pred_var: float = 0.01
-    collapse_check_after: int = 5000
 
     def __post_init__(self):
-        if self.modality not in ("audio", "text"):
-            raise ValueError(f"modality must be 'audio' or 'text', got {self.modality!r}")
+        super().__post_init__()
         for name in ("target_norm", "final_target_norm"):
             if getattr(self, name) not in (None, "instance", "layer"):
                 raise ValueError(f"{name} must be None, 'instance' or 'layer', got {getattr(self, name)!r}")
@@ -362,7 +377,7 @@ def data2vec_loss(pred: jax.Array, target: jax.Array, mask: jax.Array, loss_beta
     return loss, sample_size, stats
 
 
-def check_collapse(target_var: float, pred_var: float, step: int, cfg: Data2VecPretrainConfig) -> str | None:
+def check_collapse(target_var: float, pred_var: float, step: int, cfg: PretrainBase) -> str | None:
     """Host-side collapse guard: a message if training should stop (fairseq raises), else None."""
     if not cfg.check_collapse or step <= cfg.collapse_check_after:
         return None

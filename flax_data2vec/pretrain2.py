@@ -21,12 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from .masking import Rng
-from .pretrain import gather_positions, path_names
+from .pretrain import PretrainBase, gather_positions, path_names
 from .schedules import warmup_cosine
 
 
 @dataclasses.dataclass(frozen=True)
-class Data2Vec2PretrainConfig:
+class Data2Vec2PretrainConfig(PretrainBase):
     """Hyper-parameters of data2vec 2.0 pre-training; :meth:`audio` / :meth:`text` give the released base values.
 
     The class defaults equal :meth:`audio`. Sources (fairseq, per-field comments):
@@ -34,10 +34,10 @@ class Data2Vec2PretrainConfig:
     ``T`` = ``examples/data2vec/config/v2/base_text_only_task.yaml``,
     ``M`` = ``examples/data2vec/models/data2vec2.py`` (``Data2VecMultiConfig`` and code),
     ``B`` = ``models/modalities/base.py`` (``D2vModalityConfig``), ``D`` = ``modalities/modules.py``
-    (``D2vDecoderConfig``), ``F`` = fairseq's ``OptimizationConfig`` / ``audio_pretraining`` task defaults.
+    (``D2vDecoderConfig``), ``F`` = fairseq's ``OptimizationConfig`` / ``audio_pretraining`` task defaults;
+    modality and collapse guard: :class:`~flax_data2vec.pretrain.PretrainBase`.
     """
 
-    modality: str = "audio"
     # -- masking (student) ---------------------------------------------------------------------
     mask_prob: float = 0.5                # A: modalities.audio.mask_prob | T: modalities.text.mask_prob 0.48
     mask_prob_adjust: float = 0.05        # A: mask_prob_adjust (extra block centres) | T: B default 0
@@ -81,15 +81,9 @@ class Data2Vec2PretrainConfig:
     max_sample_size: int = 320_000        # A: task.max_sample_size (longer clips are randomly cropped)
     crop_to_shortest: bool = True         # A: F enable_padding false -> batches cropped to the shortest clip
     tokens_per_sample: int = 512          # T: task.tokens_per_sample
-    # -- collapse guard (M: min_target_var, min_pred_var, "num_updates > 5000"; both modalities) --
-    check_collapse: bool = True
-    min_target_var: float = 0.1
-    min_pred_var: float = 0.01
-    collapse_check_after: int = 5000
 
     def __post_init__(self):
-        if self.modality not in ("audio", "text"):
-            raise ValueError(f"modality must be 'audio' or 'text', got {self.modality!r}")
+        super().__post_init__()
         if not 0.0 < self.mask_prob < 1.0:
             raise ValueError(f"mask_prob must lie in (0, 1), got {self.mask_prob}")
         for name in ("mask_length", "clone_batch", "top_k", "decoder_dim", "decoder_kernel", "decoder_groups",
@@ -176,16 +170,18 @@ def random_mask(shape: tuple[int, int], rng: Rng, mask_prob: float) -> np.ndarra
 
 
 class MaskIds(NamedTuple):
-    """Sort ids of a mask (fairseq `MaskInfo`): kept positions in order, then masked ones."""
+    """Sort ids of a mask (fairseq `MaskInfo`): kept positions in order, then masked ones; and each row's seed."""
 
     mask: np.ndarray         # (R, T) bool, True where the decoder predicts
     ids_keep: np.ndarray     # (R, K) int32 positions the student encodes
     ids_masked: np.ndarray   # (R, T - K) int32 positions the loss scores
     ids_restore: np.ndarray  # (R, T) int32: position t of [kept; masked] order -> index into that order
+    seeds: np.ndarray        # (R,) uint32: the row's decoder input dropout and masked-slot noise (see `row_keys`)
 
 
-def mask_ids(mask: np.ndarray) -> MaskIds:
-    """`make_maskinfo`: ids_shuffle = stable argsort of the mask, ids_restore its inverse; equal counts required."""
+def mask_ids(mask: np.ndarray, seeds: np.ndarray | None = None) -> MaskIds:
+    """`make_maskinfo`: ids_shuffle = stable argsort of the mask, ids_restore its inverse; equal counts required.
+    `seeds` (R,): the rows' random seeds, drawn on the host with the masks (None: the row numbers)."""
     mask = np.asarray(mask, bool)
     counts = mask.sum(-1)
     if mask.ndim != 2 or (counts.size and (counts != counts[0]).any()):
@@ -193,7 +189,15 @@ def mask_ids(mask: np.ndarray) -> MaskIds:
     keep = mask.shape[1] - int(counts[0]) if counts.size else mask.shape[1]
     shuffle = np.argsort(mask, axis=1, kind="stable").astype(np.int32)
     restore = np.argsort(shuffle, axis=1, kind="stable").astype(np.int32)
-    return MaskIds(mask, shuffle[:, :keep], shuffle[:, keep:], restore)
+    seeds = np.arange(len(mask)) if seeds is None else np.asarray(seeds)
+    if seeds.shape != (len(mask),):
+        raise ValueError(f"seeds must have one entry per mask row ({len(mask)}), got shape {seeds.shape}")
+    return MaskIds(mask, shuffle[:, :keep], shuffle[:, keep:], restore, seeds.astype(np.uint32))
+
+
+def draw_seeds(rows: int, rng: Rng) -> np.ndarray:
+    """(rows,) uint32 seeds from the host rng that drew the masks."""
+    return rng.integers(0, 2 ** 32, size=rows, dtype=np.uint32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,10 +214,25 @@ def keep_tokens(x: jax.Array, ids_keep: jax.Array) -> jax.Array:
     return gather_positions(x, ids_keep)
 
 
-def restore_tokens(kept: jax.Array, ids_restore: jax.Array, noise_std: float, key: jax.Array) -> jax.Array:
-    """(R, K, D) -> (R, T, D): kept tokens back at their positions, N(0, noise_std) tokens in the masked slots."""
-    rows, k, dim = kept.shape
-    noise = noise_std * jax.random.normal(key, (rows, ids_restore.shape[1] - k, dim), jnp.float32)
+def row_keys(seeds: jax.Array, salt: int) -> jax.Array:
+    """(R,) seeds -> (R,) PRNG keys, one stream per `salt`. Each row's randomness is a function of its own seed,
+    not of the device it lands on: 1 device, a mesh and pmap draw the same numbers for the same row."""
+    return jax.vmap(lambda s: jax.random.fold_in(jax.random.PRNGKey(s), salt))(seeds)
+
+
+def row_dropout(x: jax.Array, rate: float, keys: jax.Array) -> jax.Array:
+    """Inverted dropout of (R, ...) `x` with one key per row (`row_keys`)."""
+    if rate <= 0.0:
+        return x
+    keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - rate, x.shape[1:]))(keys)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+def restore_tokens(kept: jax.Array, ids_restore: jax.Array, noise_std: float, keys: jax.Array) -> jax.Array:
+    """(R, K, D) -> (R, T, D): kept tokens back at their positions, N(0, noise_std) tokens in the masked slots
+    (row r's from its key `keys[r]`)."""
+    _, k, dim = kept.shape
+    noise = noise_std * jax.vmap(lambda key: jax.random.normal(key, (ids_restore.shape[1] - k, dim), jnp.float32))(keys)
     return gather_positions(jnp.concatenate([kept, noise.astype(kept.dtype)], axis=1), ids_restore)
 
 

@@ -28,7 +28,15 @@ from .data2vec2 import (
     text_embeddings,
 )
 from .pretrain import gather_positions, make_targets
-from .pretrain2 import Data2Vec2PretrainConfig, MaskIds, keep_tokens, repeat_clones, restore_tokens
+from .pretrain2 import (
+    Data2Vec2PretrainConfig,
+    MaskIds,
+    keep_tokens,
+    repeat_clones,
+    restore_tokens,
+    row_dropout,
+    row_keys,
+)
 
 Array = jax.Array
 AUDIO_TEACHER = ("relative_positional_encoder", "alibi_scale", "context_norm", "prenet", "blocks", "norm")
@@ -91,10 +99,11 @@ class _Student(Data2Vec2Encoder):
     pretrain: Data2Vec2PretrainConfig = None
 
     def decode(self, kept: Array, masks: MaskIds, deterministic: bool) -> Array:
+        """Input dropout (training) and N(0, std) masked slots, drawn per row from the host's `masks.seeds`."""
         p = self.pretrain
-        kept = nn.Dropout(p.decoder_input_dropout)(kept, deterministic=deterministic)
-        key = jax.random.PRNGKey(0) if deterministic else self.make_rng("dropout")  # eval: fixed noise
-        full = restore_tokens(kept, masks.ids_restore, p.mask_noise_std, key)
+        if not deterministic:
+            kept = row_dropout(kept, p.decoder_input_dropout, row_keys(masks.seeds, 0))
+        full = restore_tokens(kept, masks.ids_restore, p.mask_noise_std, row_keys(masks.seeds, 1))
         return Decoder1d(p, self.config.embed_dim, self.dtype, self.param_dtype, name="decoder")(
             full, masks.ids_masked)
 

@@ -141,9 +141,9 @@ def audio_model(cfg: TrainConfig, architecture: str, changes: dict) -> TaskModel
 
 
 def fine_tuning_labels(cfg: TrainConfig, architecture: str, freeze_cnn: bool) -> Callable[[tuple], str]:
-    """Optimizer label of each param: the CNN frozen (audio, when asked), the encoder delayed for
-    --freeze-encoder-steps, the head trained from the start."""
-    prefix = registry.base_prefix(architecture)
+    """Optimizer label of each param: the CNN frozen (audio, when asked), the encoder (v1 or 2.0, at
+    `registry.encoder_prefix`) delayed for --freeze-encoder-steps, the head trained from the start."""
+    prefix = registry.encoder_prefix(architecture)
 
     def label(path: tuple[str, ...]) -> str:
         if freeze_cnn and is_feature_encoder_param(path):
@@ -268,7 +268,7 @@ def fine_tuning_task(cfg: TrainConfig, architecture: str, model: TaskModel,
     loss, eval_step = steps
     return Task(
         name=cfg.task, architecture=architecture, module=model.module, init=lambda: model.params,
-        optimizer=adamw(cfg, lr, schedule, fine_tuning_labels(cfg, architecture, frozen_cnn), ratios),
+        optimizer=adamw(cfg, lr, schedule, fine_tuning_labels(cfg, type(model.module).__name__, frozen_cnn), ratios),
         loss=loss, eval_step=eval_step, eval_metrics=eval_metrics, train_data=data[0], eval_data=data[1],
         export=export_as(model.module), identity=identity(cfg, architecture, model.module),
         best_metric=best[0], best_mode=best[1], save_assets=save_assets,

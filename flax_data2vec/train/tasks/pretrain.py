@@ -73,13 +73,18 @@ def _teacher_step(p: d2v.Data2VecPretrainConfig):
         return {"teacher": d2v.ema_update(extra["teacher"], params["backbone"]["encoder"], decay(step),
                                           copy=p.ema_copy_predicate())}
 
+    return dict(init_extra=init_extra, after_update=after_update, step_metrics=lambda s: {"ema_decay": decay(s)},
+                check_health=collapse_check(p))
+
+
+def collapse_check(p: d2v.PretrainBase):
+    """A pre-training task's `check_health`: fairseq's collapse guard on the logged variances (v1 and 2.0)."""
     def check_health(metrics, step):
         problem = d2v.check_collapse(metrics.get("target_var", 1.0), metrics.get("pred_var", 1.0), step, p)
         if problem:
             raise RuntimeError(f"representation collapse: {problem}; stopping (lower the learning rate or "
                                f"raise --ema-anneal-steps)")
-    return dict(init_extra=init_extra, after_update=after_update, step_metrics=lambda s: {"ema_decay": decay(s)},
-                check_health=check_health)
+    return check_health
 
 
 def _task(cfg, p, student, dummy, loaded, student_loss, train_data, eval_data, base_architecture, config,
