@@ -239,6 +239,10 @@ def test_pretraining2_learns_and_fine_tunes(tmp_path, task, pretrained):
     train_here(args)
     assert fd.load(str(ft / "model"))[0].__class__.__name__ == head
     assert len(losses(ft)) == 2 and all(np.isfinite(losses(ft)))
+    if kind == "ctc":  # 2.0 heads have no SpecAugment: --mask-time-prob is refused by name, not a TypeError
+        from flax_data2vec.train import models
+        with pytest.raises(ValueError, match="--mask-time-prob 0.05: .* data2vec 2.0 model"):
+            models.build(TrainConfig(task="ctc", model=str(out), mask_time_prob=0.05), "Data2VecAudioForCTC", {})
 
 
 def test_frozen_2_0_encoder_is_bitwise_unchanged(pretrained):
