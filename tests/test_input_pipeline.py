@@ -67,6 +67,7 @@ def test_eval_iteration_sees_every_example_once(text_data):
     assert sorted(seen) == sorted(tuple(x) for x in text_data.ids)  # 300 = 9 full batches + 12
 
 
+
 def test_resume_from_state_mid_epoch_and_across_epochs(text_data):
     def make(**kw):
         return P.BatchIterator(text_data, 16, seed=7, n_buckets=3, **kw)
@@ -172,6 +173,12 @@ def test_workers_give_identical_batches_and_resume(ctc_data):
     _same(runs[0][9:], [next(resumed) for _ in range(5)], skip=("pid",))
     assert resumed.state() == states[0][-1] == {"epoch": 1, "index": 2}
     resumed.close()
+    # two live iterators with workers (a train and an eval pipeline) interleaved: each keeps its own batches
+    first, second = make(1, transform=noise_and_worker), make(1, transform=noise_and_worker)
+    pairs = [(next(first), next(second)) for _ in range(5)]
+    first.close(), second.close()
+    _same(runs[0][:5], [p[0] for p in pairs], skip=("pid",))
+    _same(runs[0][:5], [p[1] for p in pairs], skip=("pid",))
     lock = threading.Lock()
     with pytest.raises(ValueError, match="cannot be sent to worker processes"):
         make(2, transform=lambda batch, rng: lock and batch)

@@ -266,10 +266,7 @@ def _pack(batch: dict) -> dict:
 
 
 def _prefix_mask(lengths: np.ndarray, width: int, dtype) -> np.ndarray:
-    mask = np.zeros((len(lengths), width), dtype)
-    for row, n in enumerate(lengths):
-        mask[row, :n] = 1
-    return mask
+    return (np.arange(width) < np.asarray(lengths)[:, None]).astype(dtype)
 
 
 def _unpack(batch: dict) -> dict:
@@ -321,9 +318,9 @@ class BatchIterator:
         if num_workers and transform is not None:
             _check_picklable(transform)
         self.epoch, self.index = 0, 0
+        self._pending = collections.deque()  # batches of the iterator's last element not yet returned
 
     _iterator = None  # the live Grain iterator, started by the first __next__ after construction or set_state
-    _pending: collections.deque = collections.deque()  # batches of the iterator's last element not yet returned
 
     def batches_per_epoch(self) -> int:
         return self.plan.batches_per_epoch
