@@ -127,13 +127,14 @@ def dummy_inputs(module) -> tuple:
     return (ids,)
 
 
-def init_params(module, rng: jax.Array | int = 0) -> dict:
-    """Freshly initialised params of `module` (unrolled or scanned layout, as the module is)."""
+def init_params(module, rng: jax.Array | int = 0, inputs: tuple | None = None) -> dict:
+    """Freshly initialised params of `module` (unrolled or scanned layout, as the module is); `inputs`: what to
+    initialise on, if not `dummy_inputs` (e.g. a pre-training student's batch)."""
     rng = jax.random.PRNGKey(rng) if isinstance(rng, int) else rng
     extra = {}
     if getattr(module.config, "add_cross_attention", False):
         extra["encoder_hidden_states"] = jnp.zeros((1, 4, module.config.hidden_size), module.dtype)
-    inputs = dummy_inputs(module)
+    inputs = dummy_inputs(module) if inputs is None else inputs
     # One compiled init instead of one tiny compile per op (eager init of a tiny model is ~200 compiles).
     return jax.jit(lambda key: module.init(key, *inputs, **extra)["params"])(rng)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -91,7 +90,7 @@ def _task(cfg, p, student, dummy, loaded, student_loss, train_data, eval_data, b
           export_options, notes, save_assets=no_assets) -> Task:
     """The Task record shared by both modalities."""
     def init():
-        params = student.init({"params": jax.random.PRNGKey(cfg.seed)}, *dummy)["params"]
+        params = registry.init_params(student, cfg.seed, dummy)  # one compiled init, not one compile per op
         return params if loaded is None else {**params, "backbone": loaded}
 
     def optimizer(params):

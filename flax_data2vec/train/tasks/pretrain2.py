@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ... import pretrain as d2v
 from ... import pretrain2 as p2
 from ... import pretrain2_models as students
+from ... import registry
 from ...audio import conv_output_lengths
 from ...data2vec2 import Data2Vec2AudioModel, Data2Vec2TextModel
 from .. import data as data_lib
@@ -65,8 +65,8 @@ def _task(cfg, p, student, dummy, loaded, inputs_key, train_data, eval_data, exp
     def decay(step):
         return d2v.ema_decay(step, p.ema_decay, p.ema_end_decay, p.ema_anneal_end_step)
 
-    def init():  # one compiled init, not one compile per op
-        params = jax.jit(lambda key: student.init({"params": key}, *dummy)["params"])(jax.random.PRNGKey(cfg.seed))
+    def init():
+        params = registry.init_params(student, cfg.seed, dummy)
         return params if loaded is None else {**params, **loaded}
 
     def optimizer(params):
