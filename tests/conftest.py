@@ -1,6 +1,7 @@
 """Shared test fixtures: tiny random transformers models and one way to compare outputs."""
 
 import atexit
+import contextlib
 import os
 import resource
 import shutil
@@ -95,14 +96,23 @@ def default_ctc_run(tmp_path_factory):
 FAST_COMPILE_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
 
 
-@pytest.fixture
-def fast_compile():
-    """This test's XLA programs compile with most optimisations off (FAST_COMPILE_ENV in this process)."""
+@contextlib.contextmanager
+def compiled_fast():
+    """XLA programs compiled inside compile with most optimisations off (FAST_COMPILE_ENV in this process)."""
     import jax
     before = jax.config.read("jax_disable_most_optimizations")
     jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)
+
+
+@pytest.fixture
+def fast_compile():
+    """This test compiles with most XLA optimisations off (compiled_fast)."""
+    with compiled_fast():
+        yield
 
 
 @pytest.fixture(scope="module")
