@@ -138,9 +138,10 @@ def gated_run(cfg, encoder, gated_steps):
             [not e for e in equal(params[encoder], state.params[encoder])])
 
 
-def test_frozen_encoder_is_bitwise_unchanged_weight_decay_included():
+def test_frozen_encoder_is_bitwise_unchanged_weight_decay_included(fast_compile):
     """--freeze-encoder-steps: the encoder does not move (decoupled weight decay included), the head does,
-    and the encoder's Adam state starts when the gate opens (fairseq's freeze_finetune_updates)."""
+    and the encoder's Adam state starts when the gate opens (fairseq's freeze_finetune_updates). Four steps:
+    compile-bound, so compiled with most XLA optimisations off."""
     cfg = TrainConfig(task="text-classification", learning_rate=1e-2, weight_decay=0.01, freeze_encoder_steps=3,
                       max_steps=10, batch_size=4, n_buckets=1, max_text_tokens=16)
     frozen, head_moved, moved = gated_run(cfg, "data2vec_text", 3)
