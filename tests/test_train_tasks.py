@@ -186,7 +186,7 @@ def test_fine_tuning_merges_the_loaded_encoder_once(tmp_path, capsys):
     assert "dropped: " in base.note and "classifier" in base.note, base.note
 
 
-def test_teacher_input_unmasked_or_fairseq_masked():
+def test_teacher_input_unmasked_or_fairseq_masked(fast_compile):  # compiles only an init: compile-bound
     from flax_data2vec.pretrain_models import text_teacher_input
     ids = jnp.array([[0, 10, 11, 12, 2, 1], [0, 20, 21, 2, 1, 1]])
     attention = (ids != 1).astype(jnp.int32)
