@@ -1,6 +1,7 @@
 """Shared test fixtures: tiny random transformers models and one way to compare outputs."""
 
 import atexit
+import contextlib
 import os
 import resource
 import shutil
@@ -87,6 +88,31 @@ def default_ctc_run(tmp_path_factory):
                           text=True, timeout=1500, env={**os.environ, "PYTHONPATH": root})
     assert proc.returncode == 0, f"train_tpu.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return str(out), [json.loads(line) for line in open(out / "metrics.jsonl")]
+
+
+# Compile-bound tests (a few steps of a tiny model) compile with most XLA optimisations off: the CPU back end
+# compiles a train step ~40 % faster (and runs it ~2x slower, so not for tests that train). The same switch for
+# train_tpu.py subprocesses is FAST_COMPILE_ENV; runs compared with each other must all use it or none.
+FAST_COMPILE_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+
+
+@contextlib.contextmanager
+def compiled_fast():
+    """XLA programs compiled inside compile with most optimisations off (FAST_COMPILE_ENV in this process)."""
+    import jax
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)
+
+
+@pytest.fixture
+def fast_compile():
+    """This test compiles with most XLA optimisations off (compiled_fast)."""
+    with compiled_fast():
+        yield
 
 
 @pytest.fixture(scope="module")

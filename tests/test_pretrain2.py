@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE_ENV, compiled_fast
 from test_train import ROOT, _final_state, losses
 from test_train_tasks import gated_run
 
@@ -267,9 +268,11 @@ def test_frozen_2_0_encoder_is_bitwise_unchanged(pretrained):
 
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
-    """One uninterrupted 4-step single-device run: what the device, resume and bf16 runs are compared with."""
+    """One uninterrupted 4-step single-device run: what the device, resume and bf16 runs are compared with (all
+    compile-bound, so all compiled with most XLA optimisations off)."""
     out = tmp_path_factory.mktemp("short") / "one"
-    train_here(SHORT + ["--output-dir", str(out)])
+    with compiled_fast():
+        train_here(SHORT + ["--output-dir", str(out)])
     return out
 
 
@@ -278,7 +281,8 @@ def test_pretraining2_devices_agree(tmp_path, short_run):
     script = ("import sys; from flax_data2vec.train.config import parse_args; from flax_data2vec.train.loop import "
               "train; a = sys.argv[1:]; train(parse_args(a + ['--output-dir', 'mesh'])); "
               "train(parse_args(a + ['--output-dir', 'pmap', '--parallel', 'pmap']))")
-    env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           **FAST_COMPILE_ENV}
     proc = subprocess.run([sys.executable, "-c", script, *SHORT], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=2400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -288,7 +292,7 @@ def test_pretraining2_devices_agree(tmp_path, short_run):
         np.testing.assert_allclose(losses(tmp_path / name), ref, rtol=2e-5, err_msg=name)
 
 
-def test_pretraining2_resumes_exactly_after_sigterm(tmp_path, short_run):
+def test_pretraining2_resumes_exactly_after_sigterm(tmp_path, short_run, fast_compile):
     """SIGTERM after step 2 leaves a checkpoint (teacher, data position, masks' rng); the rerun ends bitwise equal."""
     out = tmp_path / "term"
     args = SHORT + ["--output-dir", str(out), "--save-every", "1000"]  # only the signal saves
@@ -308,7 +312,7 @@ def test_pretraining2_resumes_exactly_after_sigterm(tmp_path, short_run):
     assert losses(out) == losses(short_run)
 
 
-def test_pretraining2_bf16_remat_scan(tmp_path, short_run):
+def test_pretraining2_bf16_remat_scan(tmp_path, short_run, fast_compile):
     """bf16 compute, remat and scanned layers: the same run, finite losses close to float32's, a loadable export."""
     out = tmp_path / "bf16"
     train_here(SHORT + ["--output-dir", str(out), "--dtype", "bfloat16", "--remat", "--scan-layers"])

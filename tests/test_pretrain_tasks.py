@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE_ENV
 from test_train import losses, run
 
 TEXT_NO_DROPOUT = json.dumps({"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0})
@@ -48,8 +49,8 @@ def test_pretraining_devices_agree(tmp_path):
     two_layers = json.dumps({**json.loads(TEXT_NO_DROPOUT), "num_hidden_layers": 2})  # top_k 2: still a mean
     args = JOBS["pretrain-text"] + ["--max-steps", "3", "--log-every", "1", "--eval-every", "1000",
                                     "--model-config", two_layers]  # the later --model-config wins
-    run(args + ["--output-dir", str(tmp_path / "one")])
-    eight = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    run(args + ["--output-dir", str(tmp_path / "one")], FAST_COMPILE_ENV)  # 3 steps: compile-bound
+    eight = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", **FAST_COMPILE_ENV}
     run(args + ["--output-dir", str(tmp_path / "mesh")], eight)
     run(args + ["--output-dir", str(tmp_path / "pmap"), "--parallel", "pmap"], eight)
     ref = losses(tmp_path / "one")

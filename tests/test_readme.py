@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import tiny_torch_model
+from conftest import FAST_COMPILE_ENV, tiny_torch_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
@@ -129,7 +129,8 @@ def results(tmp_path_factory):
             for name, setup in SETUP.items()}
     (tmp / "jobs.json").write_text(json.dumps(jobs))
     (tmp / "driver.py").write_text(DRIVER)
-    env = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp / "hf"),
+    # tiny models, a few calls each: compile-bound, so compiled with most XLA optimisations off
+    env = {**os.environ, **FAST_COMPILE_ENV, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp / "hf"),
            "HF_HUB_CACHE": str(tmp / "hf" / "hub"), "FLAX_DATA2VEC_CACHE": str(tmp / "cache")}
     proc = subprocess.run([sys.executable, str(tmp / "driver.py"), str(tmp / "jobs.json"), str(tmp / "out.json")],
                           cwd=tmp / "work", env=env, capture_output=True, text=True, timeout=600)

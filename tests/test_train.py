@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE_ENV
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train_tpu.py")
@@ -50,19 +51,21 @@ def test_default_job_learns(default_ctc_run):
 
 
 REFERENCE_ARGS = TEXT_JOB + ["--max-steps", "4", "--save-every", "2"]
+# the 4-step runs compared with the reference: compile-bound, so all compiled with most optimisations off
+FAST = FAST_COMPILE_ENV
 
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
     """One uninterrupted single-device run that the device and resume tests compare against."""
     out = tmp_path_factory.mktemp("reference")
-    run(REFERENCE_ARGS + ["--output-dir", str(out)])
+    run(REFERENCE_ARGS + ["--output-dir", str(out)], FAST)
     return out
 
 
 def test_devices_agree(tmp_path, reference_run):
     """1 device, an 8-device jit mesh (data; data x fsdp) and pmap give the same loss curve."""
-    eight = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    eight = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", **FAST}
     run(REFERENCE_ARGS + ["--output-dir", str(tmp_path / "mesh")], eight)
     run(REFERENCE_ARGS + ["--output-dir", str(tmp_path / "fsdp"), "--fsdp", "2"], eight)
     run(REFERENCE_ARGS + ["--output-dir", str(tmp_path / "pmap"), "--parallel", "pmap"], eight)
@@ -83,7 +86,7 @@ def test_two_processes_agree_with_one(tmp_path, reference_run):
     port = _free_port()
     procs = []
     for pid in range(2):
-        env = {**os.environ, "PYTHONPATH": ROOT, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+        env = {**os.environ, "PYTHONPATH": ROOT, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", **FAST,
                "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid), "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
         procs.append(subprocess.Popen([sys.executable, TRAIN, *REFERENCE_ARGS, "--output-dir", str(tmp_path / "two")],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
@@ -102,7 +105,7 @@ def _final_state(out_dir):
 
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path, reference_run):
     killed = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": ROOT}
+    env = {**os.environ, "PYTHONPATH": ROOT, **FAST}
     proc = subprocess.Popen([sys.executable, TRAIN, *REFERENCE_ARGS, "--output-dir", str(killed)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -112,7 +115,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, reference_run):
     proc.wait()
     assert os.path.isdir(killed / "checkpoints" / "2")
     assert not os.path.isdir(killed / "model"), "the run finished before it could be killed"
-    out = run(REFERENCE_ARGS + ["--output-dir", str(killed)])
+    out = run(REFERENCE_ARGS + ["--output-dir", str(killed)], FAST)
     assert "resumed from step" in out.stdout
     a, b = _final_state(reference_run), _final_state(killed)
     assert int(a["step"]) == int(b["step"]) == 4
@@ -125,11 +128,11 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, reference_run):
     assert losses(killed) == losses(reference_run)
     # a changed option is refused with the diff, and the run's record is kept ...
     original = (killed / "train_config.json").read_text()
-    refused = run(REFERENCE_ARGS + ["--output-dir", str(killed), "--batch-size", "8"], check=False)
+    refused = run(REFERENCE_ARGS + ["--output-dir", str(killed), "--batch-size", "8"], FAST, check=False)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr[-2000:]
     assert "holds a run (checkpoint at step 4) with other options: batch_size: 16 -> 8." in refused.stderr
     # ... unless --allow-config-change: the new options go beside the original (no step left to take here)
-    run(REFERENCE_ARGS + ["--output-dir", str(killed), "--weight-decay", "0.02", "--allow-config-change"])
+    run(REFERENCE_ARGS + ["--output-dir", str(killed), "--weight-decay", "0.02", "--allow-config-change"], FAST)
     assert (killed / "train_config.json").read_text() == original
     assert json.loads((killed / "train_config.resume-4.json").read_text())["weight_decay"] == 0.02
 
@@ -137,7 +140,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, reference_run):
 def test_sigterm_leaves_a_usable_checkpoint(tmp_path):
     out_dir = tmp_path / "term"
     args = TEXT_JOB + ["--max-steps", "100000", "--save-every", "100000", "--output-dir", str(out_dir)]
-    env = {**os.environ, "PYTHONPATH": ROOT}
+    env = {**os.environ, "PYTHONPATH": ROOT, **FAST}
     proc = subprocess.Popen([sys.executable, TRAIN, *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300

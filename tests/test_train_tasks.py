@@ -84,32 +84,36 @@ def test_import_graph_has_no_cycle_and_no_private_names():
     assert "flax_data2vec.train.tasks.pretrain" in modules and len(edges["flax_data2vec.train.loop"]) > 3
 
 
-def test_every_task_takes_a_real_step(tmp_path):
-    """make_task -> init -> optimizer -> one jitted update -> eval -> export, for every registered task."""
+def test_the_registry_holds_every_core_task():
     assert set(TASKS) >= {"ctc", "audio-classification", "text-classification", "token-classification", "mlm",
                           "pretrain-audio", "pretrain-text"}
-    for name in sorted(TASKS):
-        tokens = 64 if name == "question-answering" else 16  # QA windows need room for question and context
-        cfg = TrainConfig(task=name, batch_size=2, eval_batch_size=4, n_buckets=1, max_text_tokens=tokens,
-                          max_steps=10, output_dir=str(tmp_path / name), num_workers=0)
-        task = make_task(cfg)
-        assert isinstance(task, Task) and dataclasses.is_dataclass(task)
-        params = task.init()
-        tx, schedule = task.optimizer(params)
-        state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(0),
-                           task.init_extra(params))
-        step, batches = jax.jit(make_train_step(task, tx, schedule, 1)), task.train_data()
-        new, _ = step(state, next(batches))  # warm-up schedules may start at lr 0: take two steps
-        new, metrics = step(new, next(batches))
-        assert np.isfinite(float(metrics["loss"])), name
-        moved = jax.tree_util.tree_map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), params, new.params)
-        assert any(jax.tree_util.tree_leaves(moved)), f"{name}: no parameter changed"
-        eval_batch = next(iter(task.eval_data()))
-        metrics = task.eval_metrics([jax.device_get(jax.jit(task.eval_step)(new.params, new.extra, eval_batch))])
-        assert np.isfinite(metrics["eval_loss"]) and isinstance(metrics["eval_count"], int), (name, metrics)
-        module, exported = task.export(jax.device_get(new.params))
-        expected = jax.eval_shape(lambda m=module: registry.init_params(m.clone(scan_layers=False)))
-        assert jax.tree_util.tree_structure(exported) == jax.tree_util.tree_structure(expected), name
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_every_task_takes_a_real_step(tmp_path, name, fast_compile):
+    """make_task -> init -> optimizer -> one jitted update -> eval -> export, for every registered task (compile-
+    bound: two steps, so compiled with most XLA optimisations off)."""
+    tokens = 64 if name == "question-answering" else 16  # QA windows need room for question and context
+    cfg = TrainConfig(task=name, batch_size=2, eval_batch_size=4, n_buckets=1, max_text_tokens=tokens,
+                      max_steps=10, output_dir=str(tmp_path / name), num_workers=0)
+    task = make_task(cfg)
+    assert isinstance(task, Task) and dataclasses.is_dataclass(task)
+    params = task.init()
+    tx, schedule = task.optimizer(params)
+    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(0),
+                       task.init_extra(params))
+    step, batches = jax.jit(make_train_step(task, tx, schedule, 1)), task.train_data()
+    new, _ = step(state, next(batches))  # warm-up schedules may start at lr 0: take two steps
+    new, metrics = step(new, next(batches))
+    assert np.isfinite(float(metrics["loss"])), name
+    moved = jax.tree_util.tree_map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), params, new.params)
+    assert any(jax.tree_util.tree_leaves(moved)), f"{name}: no parameter changed"
+    eval_batch = next(iter(task.eval_data()))
+    metrics = task.eval_metrics([jax.device_get(jax.jit(task.eval_step)(new.params, new.extra, eval_batch))])
+    assert np.isfinite(metrics["eval_loss"]) and isinstance(metrics["eval_count"], int), (name, metrics)
+    module, exported = task.export(jax.device_get(new.params))
+    expected = jax.eval_shape(lambda m=module: registry.init_params(m.clone(scan_layers=False)))
+    assert jax.tree_util.tree_structure(exported) == jax.tree_util.tree_structure(expected), name
 
 
 def gated_run(cfg, encoder, gated_steps):
@@ -134,9 +138,10 @@ def gated_run(cfg, encoder, gated_steps):
             [not e for e in equal(params[encoder], state.params[encoder])])
 
 
-def test_frozen_encoder_is_bitwise_unchanged_weight_decay_included():
+def test_frozen_encoder_is_bitwise_unchanged_weight_decay_included(fast_compile):
     """--freeze-encoder-steps: the encoder does not move (decoupled weight decay included), the head does,
-    and the encoder's Adam state starts when the gate opens (fairseq's freeze_finetune_updates)."""
+    and the encoder's Adam state starts when the gate opens (fairseq's freeze_finetune_updates). Four steps:
+    compile-bound, so compiled with most XLA optimisations off."""
     cfg = TrainConfig(task="text-classification", learning_rate=1e-2, weight_decay=0.01, freeze_encoder_steps=3,
                       max_steps=10, batch_size=4, n_buckets=1, max_text_tokens=16)
     frozen, head_moved, moved = gated_run(cfg, "data2vec_text", 3)
@@ -181,7 +186,7 @@ def test_fine_tuning_merges_the_loaded_encoder_once(tmp_path, capsys):
     assert "dropped: " in base.note and "classifier" in base.note, base.note
 
 
-def test_teacher_input_unmasked_or_fairseq_masked():
+def test_teacher_input_unmasked_or_fairseq_masked(fast_compile):  # compiles only an init: compile-bound
     from flax_data2vec.pretrain_models import text_teacher_input
     ids = jnp.array([[0, 10, 11, 12, 2, 1], [0, 20, 21, 2, 1, 1]])
     attention = (ids != 1).astype(jnp.int32)
