@@ -123,11 +123,11 @@ class Attention(nn.Module):
     """Multi-head attention; `kv` given means cross-attention. Optional autoregressive KV cache.
 
     Runs through `jax.nn.dot_product_attention` (cuDNN flash attention on GPU when
-    `implementation='cudnn'`; one batch row at a time on CPU, see `dot_product_attention`), except when attention weights are requested or attention dropout is
-    active, which need the explicit softmax. `bias` (broadcastable to (batch, heads, q, k), e.g. ALiBi) is
-    added to the scaled logits before masking; both the 'xla' and the 'cudnn' implementations take it
-    (cuDNN as a (batch|1, heads|1, q, k) tensor), so the fast path is kept. `fused_qkv` stores q, k and v
-    as one `qkv` Dense (rows [q; k; v], data2vec 2.0's layout).
+    `implementation='cudnn'`; one batch row at a time on CPU, see `dot_product_attention`), except when
+    attention weights are requested or attention dropout is active, which need the explicit softmax.
+    `bias` (broadcastable to (batch, heads, q, k), e.g. ALiBi) is added to the scaled logits before masking;
+    both the 'xla' and the 'cudnn' implementations take it (cuDNN as a (batch|1, heads|1, q, k) tensor), so
+    the fast path is kept. `fused_qkv` stores q, k and v as one `qkv` Dense (rows [q; k; v], data2vec 2.0's layout).
     """
 
     num_heads: int
