@@ -16,7 +16,7 @@ import numpy as np
 
 from .base import ConfigModule, ModelOptions
 from .config import Data2VecAudioConfig
-from .layers import TransformerStack, gelu, layer_norm, mask_to_bias_mask
+from .layers import TransformerStack, gelu, layer_norm, linear_dot_general, mask_to_bias_mask
 from .outputs import BaseModelOutput
 
 Array = jax.Array
@@ -344,6 +344,7 @@ class FeatureProjection(ConfigModule):
         bound = 1.0 / np.sqrt(fan_in)
         init = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)  # noqa: E731
         hidden = nn.Dense(c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=init,
+                          dot_general=linear_dot_general,
                           bias_init=init, name="projection")(normed)
         hidden = nn.Dropout(c.feat_proj_dropout)(hidden, deterministic=deterministic)
         return hidden, normed

@@ -27,10 +27,52 @@ def gelu(x: Array) -> Array:
     return jax.nn.gelu(x, approximate=False)
 
 
+def _conv_matmul(x: Array, kernel: Array, precision) -> Array:
+    """(..., K) @ (K, N) as a width-1 convolution over the flattened rows."""
+    rows = x.reshape(1, -1, x.shape[-1])
+    y = jax.lax.conv_general_dilated(rows, kernel[None], (1,), "VALID", dimension_numbers=("NWC", "WIO", "NWC"),
+                                     precision=precision)
+    return y.reshape(x.shape[:-1] + kernel.shape[-1:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _linear(x: Array, kernel: Array, precision) -> Array:
+    # XLA:CPU runs a base-size layer's matmuls ~15% faster through its convolution kernels than as a dot
+    # (benchmarks/README.md); other platforms keep the dot.
+    return jax.lax.platform_dependent(cpu=lambda: _conv_matmul(x, kernel, precision),
+                                      default=lambda: _dot(x, kernel, precision))
+
+
+def _dot(x: Array, kernel: Array, precision) -> Array:
+    return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+
+
+def _linear_fwd(x, kernel, precision):
+    return _linear(x, kernel, precision), (x, kernel)
+
+
+def _linear_bwd(precision, res, dy):
+    x, kernel = res  # the dot's own gradients, on every platform
+    _, vjp = jax.vjp(lambda x_, k_: _dot(x_, k_, precision), x, kernel)
+    return vjp(dy)
+
+
+_linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+def linear_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """`lax.dot_general` for `nn.Dense(dot_general=...)`: the same product, on CPU through a 1x1 convolution."""
+    if (dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())) or rhs.ndim != 2
+            or preferred_element_type is not None):
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                   preferred_element_type=preferred_element_type)
+    return _linear(lhs, rhs, precision)
+
+
 def dense(features: int, std: float, name: str, dtype: Dtype, param_dtype: Dtype, use_bias: bool = True) -> nn.Dense:
     """A Linear layer with the reference's normal(0, initializer_range) init."""
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=nn.initializers.normal(std), name=name)
+                    kernel_init=nn.initializers.normal(std), dot_general=linear_dot_general, name=name)
 
 
 def layer_norm(eps: float, name: str | None, dtype: Dtype, param_dtype: Dtype, affine: bool = True) -> nn.LayerNorm:
@@ -46,15 +88,46 @@ def mask_to_bias_mask(attention_mask: Array | None) -> Array | None:
     return attention_mask.astype(bool)[:, None, None, :]
 
 
+def _batch_rows(t: Array | None, batch: int):
+    """(t split into `batch` rows for lax.map, or None) and a function giving row i's (1, ...) slice."""
+    if t is None:
+        return None, lambda row: None
+    if t.ndim == 4 and t.shape[0] == batch:
+        return t, lambda row: row[None]
+    return None, lambda row: t
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, bias: Array | None, mask: Array | None,
+                          implementation: str | None) -> Array:
+    """`jax.nn.dot_product_attention`; on CPU (XLA implementation) run one batch row at a time.
+
+    The same function row by row: one row's (heads, q, k) logits stay in cache, where XLA:CPU's batched
+    einsum + softmax over the whole (batch, heads, q, k) tensor runs ~2x slower (benchmarks/README.md).
+    """
+    attend = functools.partial(jax.nn.dot_product_attention, implementation=implementation)
+    if implementation not in (None, "xla") or q.shape[0] == 1:
+        return attend(q, k, v, bias, mask=mask)
+    batch = q.shape[0]
+    (bias_rows, bias_of), (mask_rows, mask_of) = _batch_rows(bias, batch), _batch_rows(mask, batch)
+
+    def one_row(xs):
+        qr, kr, vr, br, mr = xs
+        return attend(qr[None], kr[None], vr[None], bias_of(br), mask=mask_of(mr))[0]
+
+    return jax.lax.platform_dependent(
+        cpu=lambda: jax.lax.map(one_row, (q, k, v, bias_rows, mask_rows)),
+        default=lambda: attend(q, k, v, bias, mask=mask))
+
+
 class Attention(nn.Module):
     """Multi-head attention; `kv` given means cross-attention. Optional autoregressive KV cache.
 
     Runs through `jax.nn.dot_product_attention` (cuDNN flash attention on GPU when
-    `implementation='cudnn'`), except when attention weights are requested or attention dropout is
-    active, which need the explicit softmax. `bias` (broadcastable to (batch, heads, q, k), e.g. ALiBi) is
-    added to the scaled logits before masking; both the 'xla' and the 'cudnn' implementations take it
-    (cuDNN as a (batch|1, heads|1, q, k) tensor), so the fast path is kept. `fused_qkv` stores q, k and v
-    as one `qkv` Dense (rows [q; k; v], data2vec 2.0's layout).
+    `implementation='cudnn'`; one batch row at a time on CPU, see `dot_product_attention`), except when
+    attention weights are requested or attention dropout is active, which need the explicit softmax.
+    `bias` (broadcastable to (batch, heads, q, k), e.g. ALiBi) is added to the scaled logits before masking;
+    both the 'xla' and the 'cudnn' implementations take it (cuDNN as a (batch|1, heads|1, q, k) tensor), so
+    the fast path is kept. `fused_qkv` stores q, k and v as one `qkv` Dense (rows [q; k; v], data2vec 2.0's layout).
     """
 
     num_heads: int
@@ -111,8 +184,8 @@ class Attention(nn.Module):
                 probs = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
             out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
         else:
-            out = jax.nn.dot_product_attention(q, k, v, None if bias is None else bias.astype(q.dtype), mask=mask,
-                                               implementation=self.implementation)
+            out = dot_product_attention(q, k, v, None if bias is None else bias.astype(q.dtype), mask,
+                                        self.implementation)
         out = out.reshape(out.shape[:2] + (self.hidden_size,))
         return proj(name="out")(out), (weights if output_attentions else None)
 
