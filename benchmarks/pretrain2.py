@@ -115,8 +115,6 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=0, help="input clips per update (0: 2 on CPU, 8 on GPU)")
     parser.add_argument("--time-parts", action=argparse.BooleanOptionalAction, default=True,
                         help="compile and time the parts (off: only XLA's FLOP count of each part)")
-    parser.add_argument("--retries", type=int, default=3, help="repeats of a timed call that other processes "
-                        "disturbed (0 on a shared machine: keep every call, marked contended)")
     args = parser.parse_args(argv)
     info = setup(args)
     gpu = args.device == "gpu"
