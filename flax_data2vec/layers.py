@@ -27,6 +27,13 @@ def gelu(x: Array) -> Array:
     return jax.nn.gelu(x, approximate=False)
 
 
+# The CPU-only rewrites below pay on base-size shapes (benchmarks/README.md) and cost a little on tiny ones (loop
+# and layout overhead), so they apply from these static sizes on: multiply-adds of one Dense, and elements of
+# one attention call's (batch, heads, q, k) logits.
+CPU_CONV_MATMUL_MIN_MACS = 2 ** 27
+CPU_ROW_ATTENTION_MIN_LOGITS = 1_500_000  # base text 8 x 128 (1.57M) takes it; tiny test models do not
+
+
 def _conv_matmul(x: Array, kernel: Array, precision) -> Array:
     """(..., K) @ (K, N) as a width-1 convolution over the flattened rows."""
     rows = x.reshape(1, -1, x.shape[-1])
@@ -66,6 +73,8 @@ def linear_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_el
             or preferred_element_type is not None):
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                    preferred_element_type=preferred_element_type)
+    if lhs.size * rhs.shape[1] < CPU_CONV_MATMUL_MIN_MACS:
+        return _dot(lhs, rhs, precision)
     return _linear(lhs, rhs, precision)
 
 
@@ -105,7 +114,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, bias: Array | None, mask
     einsum + softmax over the whole (batch, heads, q, k) tensor runs ~2x slower (benchmarks/README.md).
     """
     attend = functools.partial(jax.nn.dot_product_attention, implementation=implementation)
-    if implementation not in (None, "xla") or q.shape[0] == 1:
+    logits = q.shape[0] * q.shape[2] * q.shape[1] * k.shape[1]  # (batch, heads, q, k); q is (batch, q, heads, d)
+    if implementation not in (None, "xla") or q.shape[0] == 1 or logits < CPU_ROW_ATTENTION_MIN_LOGITS:
         return attend(q, k, v, bias, mask=mask)
     batch = q.shape[0]
     (bias_rows, bias_of), (mask_rows, mask_of) = _batch_rows(bias, batch), _batch_rows(mask, batch)

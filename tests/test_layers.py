@@ -81,3 +81,34 @@ def test_cudnn_request_falls_back_with_a_warning_when_dropout_is_active():
     params = attn.clone(implementation=None).init(jax.random.key(1), x)["params"]  # no cuDNN on this CPU
     with pytest.warns(UserWarning, match="cudnn' is not used because attention dropout"):
         attn.apply({"params": params}, x, deterministic=False, rngs={"dropout": jax.random.key(2)})
+
+
+def test_cpu_row_attention_and_conv_matmuls_equal_the_plain_program(monkeypatch):
+    """The CPU rewrites (attention one batch row at a time, Dense as a width-1 convolution) that base-size shapes
+    take give the plain program's outputs and gradients; forced on here, since tiny shapes skip them."""
+    import flax_data2vec as fd
+    from flax_data2vec import layers
+
+    model = fd.Data2VecTextModel(fd.Data2VecTextConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                                       num_attention_heads=4, intermediate_size=64))
+    params = fd.init_params(model, rng=0)
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, 64, (3, 10)), jnp.int32)
+    mask = jnp.asarray(np.arange(10)[None, :] < np.array([[10], [7], [4]]), jnp.int32)
+
+    def run():  # a fresh trace: the size gates are read while tracing
+        def loss(p):
+            return model.apply({"params": p}, ids, mask).last_hidden_state
+        out, vjp = jax.vjp(loss, params)
+        return out, vjp(jnp.ones_like(out))[0]
+
+    plain = jax.jit(run)()
+    plain_hlo = jax.jit(lambda: run()).lower().as_text()
+    monkeypatch.setattr(layers, "CPU_CONV_MATMUL_MIN_MACS", 0)
+    monkeypatch.setattr(layers, "CPU_ROW_ATTENTION_MIN_LOGITS", 0)
+    rewritten = jax.jit(lambda: run())()
+    for a, b in zip(jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(rewritten)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    # the forced program really is another one: the row loop and the convolutions are in it, not in the plain one
+    hlo = jax.jit(lambda: run()).lower().as_text()
+    assert "while" in hlo and "convolution" in hlo
+    assert "while" not in plain_hlo and "convolution" not in plain_hlo
