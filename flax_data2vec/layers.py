@@ -251,17 +251,25 @@ class TransformerLayer(nn.Module):
     @nn.compact
     def __call__(self, x: Array, mask: Array | None, encoder_hidden_states: Array | None = None,
                  encoder_mask: Array | None = None, deterministic: bool = True, output_attentions: bool = False,
-                 decode: bool = False, bias: Array | None = None):
+                 decode: bool = False, bias: Array | None = None, query_positions: Array | None = None):
+        """query_positions (batch, k): the block's output at those positions only (queries there, keys and
+        values everywhere): the same rows for a fraction of the work, where only they are read."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attention = functools.partial(Attention, self.num_heads, self.hidden_size, self.attention_dropout,
                                       self.init_std, self.attention_implementation, **kw)
         drop = lambda t: nn.Dropout(self.hidden_dropout)(t, deterministic=deterministic)  # noqa: E731
         norm = lambda name: layer_norm(self.layer_norm_eps, name, **kw)  # noqa: E731
+        if query_positions is not None and (self.layer_norm_first or self.causal or self.fused_qkv or decode
+                                            or bias is not None):
+            raise ValueError("query_positions needs a post-LN, bidirectional, unfused layer without decode or bias")
         if self.layer_norm_first:
             return self._pre_ln(x, mask, bias, attention, drop, norm, deterministic, output_attentions)
 
+        kv = None
+        if query_positions is not None:
+            kv, x = x, jnp.take_along_axis(x, query_positions[..., None].astype(jnp.int32), axis=1)
         h, self_weights = attention(name="attention", fused_qkv=self.fused_qkv)(
-            x, mask=mask, causal=self.causal, deterministic=deterministic, output_attentions=output_attentions,
+            x, kv, mask=mask, causal=self.causal, deterministic=deterministic, output_attentions=output_attentions,
             decode=decode, bias=bias)
         x = norm("attention_norm")(x + drop(h))
         cross_weights = None
@@ -356,7 +364,10 @@ class TransformerStack(nn.Module):
     @nn.compact
     def __call__(self, x: Array, mask: Array | None, encoder_hidden_states: Array | None = None,
                  encoder_mask: Array | None = None, deterministic: bool = True, output_attentions: bool = False,
-                 decode: bool = False, bias: Array | None = None):
+                 decode: bool = False, bias: Array | None = None, last_positions: Array | None = None):
+        """last_positions (batch, k): the last layer runs only there (unrolled, eval; see TransformerLayer)."""
+        if last_positions is not None and (self.scan_layers or not deterministic):
+            raise ValueError("last_positions needs unrolled layers (scan_layers=False) in eval (deterministic)")
         layer_cls: Any = TransformerLayer
         if self.remat:
             # static: deterministic, output_attentions, decode (argument indices count `self` as 0)
@@ -373,9 +384,10 @@ class TransformerStack(nn.Module):
             return y, hidden_states, extras
         hidden_states, extras = [x], []
         for i in range(self.num_layers):
+            positions = last_positions if i == self.num_layers - 1 else None
             x, ex = run_layer(self, lambda parent, i=i: layer(name=f"layers_{i}", parent=parent), x,
                               (mask, encoder_hidden_states, encoder_mask, deterministic, output_attentions, decode,
-                               bias), self.layerdrop)
+                               bias, positions), self.layerdrop)
             hidden_states.append(x)
             extras.append(ex)
         return x, tuple(hidden_states), extras

@@ -76,7 +76,7 @@ class TextEncoder(ModelOptions):
     @nn.compact
     def __call__(self, x: Array, mask: Array | None, encoder_hidden_states: Array | None = None,
                  encoder_mask: Array | None = None, deterministic: bool = True, output_attentions: bool = False,
-                 decode: bool = False):
+                 decode: bool = False, last_positions: Array | None = None):
         c = self.config
         if c.add_cross_attention and encoder_hidden_states is None and self.is_initializing():
             # init without an encoder output must still create the cross-attention weights
@@ -90,11 +90,29 @@ class TextEncoder(ModelOptions):
                  attention_implementation=self.attention_implementation,
                  dtype=self.dtype, param_dtype=self.param_dtype),
             scan_layers=self.scan_layers, remat=self.remat, name="layer")
-        return stack(x, mask, encoder_hidden_states, encoder_mask, deterministic, output_attentions, decode)
+        return stack(x, mask, encoder_hidden_states, encoder_mask, deterministic, output_attentions, decode,
+                     last_positions=last_positions)
 
 
 def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
+
+
+def _check_positions(positions, input_ids, pooled: bool) -> None:
+    """`output_positions` must be (batch, k) integer positions inside the sequence."""
+    if pooled:
+        raise ValueError("output_positions with add_pooling_layer=True: the pooler reads the first token of the "
+                         "whole sequence; build the model with add_pooling_layer=False")
+    shape, batch, seq = tuple(np.shape(positions)), np.shape(input_ids)[0], np.shape(input_ids)[1]
+    if len(shape) != 2 or shape[0] != batch:
+        raise ValueError(f"output_positions must have shape (batch, k) = ({batch}, k), got {shape}")
+    if not jnp.issubdtype(positions.dtype if hasattr(positions, "dtype") else np.asarray(positions).dtype,
+                          jnp.integer):
+        raise TypeError("output_positions must be integer token positions")
+    if _is_concrete(positions) and np.size(positions):
+        lo, hi = int(np.min(positions)), int(np.max(positions))
+        if lo < 0 or hi >= seq:
+            raise ValueError(f"output_positions must lie in [0, {seq}), got values in [{lo}, {hi}]")
 
 
 def check_text_inputs(config: Data2VecTextConfig, input_ids, attention_mask=None, token_type_ids=None,
@@ -127,7 +145,11 @@ def check_text_inputs(config: Data2VecTextConfig, input_ids, attention_mask=None
 
 class Data2VecTextModel(ModelOptions):
     """The bare Data2Vec text encoder: `last_hidden_state` (batch, seq, hidden) and, with
-    `add_pooling_layer`, `pooler_output` = tanh(dense(first token))."""
+    `add_pooling_layer`, `pooler_output` = tanh(dense(first token)).
+
+    `output_positions` (batch, k): `last_hidden_state` is (batch, k, hidden), the rows at those positions; in
+    eval the last layer then computes only those rows (the heads that read a few positions use this).
+    """
 
     add_pooling_layer: bool = True
 
@@ -136,9 +158,12 @@ class Data2VecTextModel(ModelOptions):
                  position_ids: Array | None = None, *, encoder_hidden_states: Array | None = None,
                  encoder_attention_mask: Array | None = None, deterministic: bool = True,
                  output_attentions: bool = False, output_hidden_states: bool = False,
-                 output_layer_results: bool = False, decode: bool = False) -> BaseModelOutput:
+                 output_layer_results: bool = False, decode: bool = False,
+                 output_positions: Array | None = None) -> BaseModelOutput:
         c: Data2VecTextConfig = self.config
         check_text_inputs(c, input_ids, attention_mask, token_type_ids, position_ids)
+        if output_positions is not None:
+            _check_positions(output_positions, input_ids, self.add_pooling_layer)
         if encoder_hidden_states is not None and not c.add_cross_attention:
             raise ValueError("encoder_hidden_states given, but the model has no cross-attention layers "
                              "(config.add_cross_attention=False)")
@@ -158,9 +183,15 @@ class Data2VecTextModel(ModelOptions):
             input_ids, token_type_ids, position_ids, offset, deterministic)
         if encoder_hidden_states is not None:
             encoder_hidden_states = encoder_hidden_states.astype(self.dtype)
+        # the last layer can run on the wanted rows alone when nothing reads its other rows
+        prune = (output_positions is not None and deterministic and not self.scan_layers and not c.is_decoder
+                 and encoder_hidden_states is None
+                 and not (output_attentions or output_hidden_states or output_layer_results or decode))
         last, hidden_states, extras = TextEncoder(c, **self.options, name="encoder")(
             x, mask_to_bias_mask(self_mask), encoder_hidden_states, mask_to_bias_mask(encoder_attention_mask),
-            deterministic, output_attentions, decode)
+            deterministic, output_attentions, decode, last_positions=output_positions if prune else None)
+        if output_positions is not None and not prune:
+            last = jnp.take_along_axis(last, jnp.asarray(output_positions, jnp.int32)[..., None], axis=1)
         pooled = None
         if self.add_pooling_layer:
             pooled = jnp.tanh(dense(c.hidden_size, c.initializer_range, "pooler", self.dtype,

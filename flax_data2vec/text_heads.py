@@ -100,14 +100,13 @@ class _LMModel(_TextHead):
         _check_labels("labels", labels, [scored])
         _check_class_ids("labels", labels, c.vocab_size)
         base = self._encoder()
-        out = base(input_ids, attention_mask, token_type_ids, position_ids, **encoder_kw)
+        # the head (and its vocabulary matmul) only where it is scored; in eval the last layer too
+        out = base(input_ids, attention_mask, token_type_ids, position_ids, output_positions=masked_positions,
+                   **encoder_kw)
         embedding = None
         if c.tie_word_embeddings:
             embedding = base.variables["params"]["embeddings"]["word_embeddings"]["embedding"]
-        hidden = out.last_hidden_state
-        if masked_positions is not None:  # the head (and its vocabulary matmul) only where it is scored
-            hidden = jnp.take_along_axis(hidden, jnp.asarray(masked_positions, jnp.int32)[..., None], axis=1)
-        logits = LMHead(c, self.dtype, self.param_dtype, name="lm_head")(hidden, embedding)
+        logits = LMHead(c, self.dtype, self.param_dtype, name="lm_head")(out.last_hidden_state, embedding)
         return logits, out
 
 
@@ -195,8 +194,10 @@ class Data2VecTextForSequenceClassification(_TextHead):
         c: Data2VecTextConfig = self.config
         check_text_inputs(c, input_ids, attention_mask, token_type_ids, position_ids)
         problem = _check_sequence_labels(c, labels, np.shape(input_ids)[0])
+        first = np.zeros((np.shape(input_ids)[0], 1), np.int32)  # the head reads `<s>` alone
         out = self._encoder()(input_ids, attention_mask, token_type_ids, position_ids, deterministic=deterministic,
-                              output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+                              output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                              output_positions=first)
         logits = _f32(ClassificationHead(c, self.dtype, self.param_dtype, name="classifier")(
             out.last_hidden_state, deterministic))
         loss = None if labels is None else losses.sequence_classification_loss(logits, labels, problem)

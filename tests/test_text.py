@@ -450,3 +450,32 @@ def test_masked_positions_head_gives_the_full_loss():
     np.testing.assert_allclose(float(part.loss), float(full.loss), rtol=1e-6)
     np.testing.assert_allclose(np.take_along_axis(np.asarray(full.logits), positions[..., None], 1),
                                np.asarray(part.logits), atol=1e-5)
+
+
+def test_output_positions_run_the_last_layer_on_those_rows_only():
+    """`output_positions` gives the full output's rows there, with padding (the eval program computes the last
+    layer on those rows alone: fewer FLOPs); bad positions get one clear error."""
+    import flax_data2vec as fd
+    config = fd.Data2VecTextConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=37, max_position_embeddings=40)
+    module = fd.Data2VecTextModel(config, add_pooling_layer=False)
+    params = fd.init_params(module, 0)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 99, (3, 12)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, 8:], ids[1, 8:] = 0, config.pad_token_id
+    positions = np.array([[0, 5], [7, 1], [11, 11]], np.int32)
+    full = module.apply({"params": params}, ids, mask).last_hidden_state
+    run = jax.jit(lambda p, pos: module.apply({"params": p}, ids, mask, output_positions=pos).last_hidden_state)
+    np.testing.assert_allclose(np.asarray(run(params, positions)),
+                               np.take_along_axis(np.asarray(full), positions[..., None], 1), atol=1e-5)
+    flops = lambda pos: jax.jit(lambda p: module.apply(  # noqa: E731
+        {"params": p}, ids, mask, output_positions=pos).last_hidden_state).lower(params).compile().cost_analysis()
+    first = lambda ca: (ca[0] if isinstance(ca, list) else ca)["flops"]  # noqa: E731
+    assert first(flops(positions)) < first(flops(np.tile(np.arange(12, dtype=np.int32), (3, 1))))
+    for bad, match in ((np.full((3, 1), 12, np.int32), r"lie in \[0, 12\)"), (np.zeros((2, 1), np.int32), "shape"),
+                       (np.zeros((3, 1), np.float32), "integer")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            module.apply({"params": params}, ids, mask, output_positions=bad)
+    with pytest.raises(ValueError, match="add_pooling_layer"):
+        fd.Data2VecTextModel(config).apply({"params": params}, ids, mask, output_positions=positions)
