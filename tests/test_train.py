@@ -202,7 +202,7 @@ def test_bad_input_fails_before_compiling(tmp_path, case):
                  "--eval-data", _manifest(tmp_path / "e.jsonl", bad)]
         expect = "no-such-class"
     else:
-        run(TEXT_JOB + ["--max-steps", "1", "--output-dir", str(tmp_path / "out")])
+        run(TEXT_JOB + ["--max-steps", "1", "--output-dir", str(tmp_path / "out")], FAST)  # compile-bound
         args = TEXT_JOB + ["--max-steps", "2", "--output-dir", str(tmp_path / "out"),
                            "--model-config", json.dumps({"num_hidden_layers": 2})]
         expect = "with other options: model_config: "  # the diff (then max_steps: 1 -> 2), before the model is built
