@@ -1,5 +1,6 @@
 """The Colab notebooks in notebooks/ run top to bottom in their quick configuration (CI=1, no network) with no
-error cell and their figures present, and are stored in git without outputs."""
+error cell and their figures present (notebook 04's question answering also learning), and are stored in git
+without outputs."""
 
 import glob
 import importlib.util
@@ -23,6 +24,20 @@ FIGURES = {
     "03_pretrain_data2vec": ["pretraining_curves.png", "finetune_cer.png"],
     "04_text_tasks": ["text_training_curves.png", "text_metrics.png"],
 }
+
+
+def _question_answering_learned(out):
+    """Notebook 04's question-answering run (80 steps of the tiny preset on the shipped title questions) is also
+    the QA task's learning test: exact match from ~0 (a random span) to well above it, a loadable QA export."""
+    import flax_data2vec
+    rows = [json.loads(line) for line in open(out / "qa" / "metrics.jsonl")]
+    final = [r for r in rows if "eval_exact_match" in r][-1]
+    assert final["eval_exact_match"] > 0.1 and final["eval_f1"] >= final["eval_exact_match"], final
+    module, _ = flax_data2vec.load(str(out / "qa"))
+    assert type(module).__name__ == "Data2VecTextForQuestionAnswering"
+
+
+RESULT_CHECKS = {"04_text_tasks": _question_answering_learned}  # what a notebook's quick run must reach
 LIMIT_S = 1200  # per notebook and per cell: ~1000 s wall each with four at once on a box at load 30-57
 
 
@@ -102,6 +117,8 @@ def test_runs_in_ci_mode(name, tmp_path, monkeypatch):
     assert len(images) >= len(FIGURES[name]), f"{name}: {len(images)} figures shown"
     for figure in FIGURES[name]:
         assert (out / figure).stat().st_size > 5000, f"{name}: {figure} missing or empty"
+    if name in RESULT_CHECKS:
+        RESULT_CHECKS[name](out)
 
 
 def _children_cpu_s() -> float:

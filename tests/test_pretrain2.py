@@ -4,8 +4,6 @@ resume after SIGTERM, bf16 / remat / scan, the frozen 2.0 encoder in fine-tuning
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -13,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import FAST_COMPILE_ENV, compiled_fast
-from test_train import ROOT, _final_state, losses
+from test_train import _final_state, losses, run_in_one_process
 from test_train_tasks import gated_run
 
 from flax_data2vec import pretrain as d2v
@@ -22,7 +20,7 @@ from flax_data2vec import pretrain2_models as students
 from flax_data2vec.layers import TransformerStack
 from flax_data2vec.pretrain2_models import Decoder1d
 from flax_data2vec.train.config import TrainConfig, parse_args
-from flax_data2vec.train.loop import train
+from flax_data2vec.train.loop import Trainer, train
 from flax_data2vec.train.tasks import make_task
 
 NO_DROPOUT = {"dropout": 0.0, "encoder_dropout": 0.0, "attention_dropout": 0.0, "post_mlp_drop": 0.0}
@@ -47,12 +45,13 @@ def train_here(args, on_log=None):
     return train(parse_args(args), on_log)
 
 
-def eval_loss_at_init(args) -> float:
-    """The eval loss of the run's initial state (same seed, same eval masks) for a before/after comparison."""
-    task = make_task(parse_args(args))
-    params = task.init()
-    extra, step = task.init_extra(params), jax.jit(task.eval_step)
-    return task.eval_metrics([jax.device_get(step(params, extra, b)) for b in task.eval_data()])["eval_loss"]
+def evaluate_then_train(args) -> float:
+    """train_here, evaluating the initial state first with the run's own compiled eval step (eval batches get the
+    same masks at every evaluation): the eval loss before training, for a before/after comparison."""
+    trainer = Trainer(parse_args(args))
+    before = trainer.evaluate()["eval_loss"]
+    trainer.run()
+    return before
 
 
 @pytest.fixture(scope="module")
@@ -202,23 +201,22 @@ def test_optimizer_skips_decay_where_fairseq_does():
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    """task -> output directory of its 30-step run (run on first use)."""
+    """task -> (output directory, eval loss of the initial state) of its 30-step run (run on first use)."""
     done = {}
 
     def get(task):
         if task not in done:
             out = tmp_path_factory.mktemp(task) / "pre"
-            train_here(JOBS[task] + ["--max-steps", "30", "--log-every", "5", "--eval-every", "30",
-                                     "--output-dir", str(out)])
-            done[task] = out
+            before = evaluate_then_train(JOBS[task] + ["--max-steps", "30", "--log-every", "5", "--eval-every", "30",
+                                                       "--output-dir", str(out)])
+            done[task] = out, before
         return done[task]
     return get
 
 
 @pytest.mark.parametrize("task", sorted(JOBS))
 def test_pretraining2_learns_and_fine_tunes(tmp_path, task, pretrained):
-    before = eval_loss_at_init(JOBS[task] + ["--max-steps", "30", "--output-dir", str(tmp_path / "init")])
-    out = pretrained(task)
+    out, before = pretrained(task)
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     logged, after = [r for r in rows if "loss" in r], [r["eval_loss"] for r in rows if "eval_loss" in r][-1]
     # the same held-out blocks / clips with the same masks, before and after 30 steps: down by >= 30 %
@@ -237,7 +235,8 @@ def test_pretraining2_learns_and_fine_tunes(tmp_path, task, pretrained):
             "--batch-size", "4", "--n-buckets", "1", "--progress", "false", "--output-dir", str(ft)]
     if kind == "text-classification":
         args += ["--max-text-tokens", "64"]
-    train_here(args)
+    with compiled_fast():  # 2 steps: compile-bound
+        train_here(args)
     assert fd.load(str(ft / "model"))[0].__class__.__name__ == head
     assert len(losses(ft)) == 2 and all(np.isfinite(losses(ft)))
     if kind == "ctc":  # 2.0 heads have no SpecAugment: --mask-time-prob is refused by name, not a TypeError
@@ -247,7 +246,8 @@ def test_pretraining2_learns_and_fine_tunes(tmp_path, task, pretrained):
 
 
 def test_frozen_2_0_encoder_is_bitwise_unchanged(pretrained):
-    """--freeze-encoder-steps gates the 2.0 encoder (`data2vec2_text`), not only v1's; the head trains meanwhile."""
+    """--freeze-encoder-steps gates the 2.0 encoder (`data2vec2_text`), not only v1's; the head trains meanwhile
+    (3 steps: compile-bound)."""
     from flax_data2vec import registry
     from flax_data2vec.train.optim import param_labels
     from flax_data2vec.train.tasks import common
@@ -258,9 +258,10 @@ def test_frozen_2_0_encoder_is_bitwise_unchanged(pretrained):
             TrainConfig(freeze_encoder_steps=2), head, False))
         assert set(jax.tree_util.tree_leaves(labels[prefix])) == {"delayed"}, head
         assert "delayed" not in jax.tree_util.tree_leaves({k: v for k, v in labels.items() if k != prefix}), head
-    cfg = TrainConfig(task="text-classification", model=str(pretrained("pretrain2-text")), learning_rate=1e-2,
+    cfg = TrainConfig(task="text-classification", model=str(pretrained("pretrain2-text")[0]), learning_rate=1e-2,
                       freeze_encoder_steps=2, max_steps=10, batch_size=4, n_buckets=1, max_text_tokens=16)
-    frozen, head_moved, moved = gated_run(cfg, "data2vec2_text", 2)
+    with compiled_fast():  # after the (shared) pre-training run, which trains at full optimisation
+        frozen, head_moved, moved = gated_run(cfg, "data2vec2_text", 2)
     assert all(frozen), "a frozen 2.0 encoder weight moved"
     assert head_moved
     assert any(moved), "the encoder did not train after the gate opened"
@@ -278,14 +279,9 @@ def short_run(tmp_path_factory):
 
 def test_pretraining2_devices_agree(tmp_path, short_run):
     """Clones, student, teacher, decoder noise and EMA in one step: 1 device == 8-device jit mesh == pmap."""
-    script = ("import sys; from flax_data2vec.train.config import parse_args; from flax_data2vec.train.loop import "
-              "train; a = sys.argv[1:]; train(parse_args(a + ['--output-dir', 'mesh'])); "
-              "train(parse_args(a + ['--output-dir', 'pmap', '--parallel', 'pmap']))")
-    env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           **FAST_COMPILE_ENV}
-    proc = subprocess.run([sys.executable, "-c", script, *SHORT], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=2400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_in_one_process([SHORT + ["--output-dir", str(tmp_path / "mesh")],
+                        SHORT + ["--output-dir", str(tmp_path / "pmap"), "--parallel", "pmap"]],
+                       {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", **FAST_COMPILE_ENV}, timeout=2400)
     ref = losses(short_run)
     assert len(ref) == 4
     for name in ("mesh", "pmap"):  # the decoder's dropout and slot noise are per-row (host seeds), not per-device

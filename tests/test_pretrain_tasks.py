@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 from conftest import FAST_COMPILE_ENV
-from test_train import losses, run
+from test_train import losses, run, run_in_one_process
 
 TEXT_NO_DROPOUT = json.dumps({"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0})
 COMMON = ["--progress", "false", "--n-buckets", "1", "--batch-size", "8", "--async-checkpointing", "false"]
@@ -40,7 +40,7 @@ def test_pretraining_learns_and_fine_tunes(tmp_path, task):
             "--batch-size", "8", "--n-buckets", "1", "--progress", "false", "--output-dir", str(ft)]
     if kind == "text-classification":
         args += ["--max-text-tokens", "64"]
-    run(args)
+    run(args, FAST_COMPILE_ENV)  # 4 steps: compile-bound
     assert len(losses(ft)) == 4
 
 
@@ -51,8 +51,8 @@ def test_pretraining_devices_agree(tmp_path):
                                     "--model-config", two_layers]  # the later --model-config wins
     run(args + ["--output-dir", str(tmp_path / "one")], FAST_COMPILE_ENV)  # 3 steps: compile-bound
     eight = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", **FAST_COMPILE_ENV}
-    run(args + ["--output-dir", str(tmp_path / "mesh")], eight)
-    run(args + ["--output-dir", str(tmp_path / "pmap"), "--parallel", "pmap"], eight)
+    run_in_one_process([args + ["--output-dir", str(tmp_path / "mesh")],
+                        args + ["--output-dir", str(tmp_path / "pmap"), "--parallel", "pmap"]], eight)
     ref = losses(tmp_path / "one")
     for name in ("mesh", "pmap"):
         np.testing.assert_allclose(losses(tmp_path / name), ref, rtol=2e-5, err_msg=name)

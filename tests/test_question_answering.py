@@ -1,12 +1,11 @@
-"""--task question-answering: the shipped title questions, doc_stride windows, span choice, SQuAD scoring, and a
-real run that learns."""
+"""--task question-answering: the shipped title questions, doc_stride windows, span choice, SQuAD scoring. The real
+run that learns (80 steps: exact match above 0.1) is notebook 04's, checked by tests/test_notebooks.py."""
 
 import json
 import os
 
 import numpy as np
 import pytest
-from test_train import run
 
 from flax_data2vec.train import data as data_lib
 from flax_data2vec.train import sources as sources_lib
@@ -97,17 +96,3 @@ def test_predictions_take_the_best_window(tokenizer):
     starts[0, ds.context_start[0]], ends[0, ds.context_start[0]] = 4.0, 4.0
     out = {"start_logits": starts, "end_logits": ends, "labels": labels, "example_mask": np.ones(len(ds))}
     assert qa.predictions(ds, [out]) == {0: "Target Name"}
-
-
-def test_question_answering_learns(tmp_path):
-    """A real run on the shipped title questions: EM from ~0 (a random span) to well above it."""
-    out = tmp_path / "qa"
-    run(["--task", "question-answering", "--max-steps", "80", "--eval-every", "80", "--log-every", "20",
-         "--max-text-tokens", "96", "--n-buckets", "2", "--learning-rate", "3e-4", "--progress", "false",
-         "--async-checkpointing", "false", "--output-dir", str(out)])
-    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    final = [r for r in rows if "eval_exact_match" in r][-1]
-    assert final["eval_exact_match"] > 0.1 and final["eval_f1"] >= final["eval_exact_match"], final
-    import flax_data2vec
-    module, _ = flax_data2vec.load(str(out))
-    assert type(module).__name__ == "Data2VecTextForQuestionAnswering"

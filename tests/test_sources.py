@@ -173,8 +173,9 @@ def test_hub_name_offline_and_missing_package(tmp_path):
     assert "pip install datasets" in out, out
 
 
-def test_train_tpu_reads_hf_data(audio_sets, tmp_path):
-    """train_tpu.py end to end on an hf: folder: the validation split is found, class names reach the model."""
+def test_train_tpu_reads_hf_data(audio_sets, tmp_path, fast_compile):
+    """train_tpu.py end to end on an hf: folder: the validation split is found, class names reach the model (2 steps:
+    compile-bound)."""
     from flax_data2vec import load
     from flax_data2vec.train.config import parse_args
     from flax_data2vec.train.loop import train
@@ -253,8 +254,9 @@ def test_token_tags_from_hf_and_subword_alignment(tmp_path):
         S.read_source(os.path.join(TEXT, "corpus.txt"), "text", tagged=True)
 
 
-def test_train_tpu_token_classification_on_iob_tags(tmp_path):
-    """--task token-classification on an hf: IOB set: entity F1 (seqeval) is the tracked metric."""
+def test_train_tpu_token_classification_on_iob_tags(tmp_path, fast_compile):
+    """--task token-classification on an hf: IOB set: entity F1 (seqeval) is the tracked metric (2 steps:
+    compile-bound)."""
     from flax_data2vec import load
     from flax_data2vec.train.config import parse_args
     from flax_data2vec.train.loop import train

@@ -29,6 +29,18 @@ def run(args, env_extra=None, timeout=600, check=True):
     return proc
 
 
+def run_in_one_process(arg_lists, env_extra=None, timeout=1200):
+    """Several train_tpu.py runs one after another in one fresh interpreter (one start-up and import for all,
+    e.g. every layout on 8 simulated devices)."""
+    script = ("import json, sys; from flax_data2vec.train.config import parse_args; "
+              "from flax_data2vec.train.loop import train\n"
+              "for args in json.loads(sys.argv[1]): train(parse_args(args))")
+    env = {**os.environ, "PYTHONPATH": ROOT, **(env_extra or {})}
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(arg_lists)], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, f"runs failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+
 def losses(out_dir):
     rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
     return [r["loss"] for r in rows if "loss" in r]
@@ -66,9 +78,9 @@ def reference_run(tmp_path_factory):
 def test_devices_agree(tmp_path, reference_run):
     """1 device, an 8-device jit mesh (data; data x fsdp) and pmap give the same loss curve."""
     eight = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", **FAST}
-    run(REFERENCE_ARGS + ["--output-dir", str(tmp_path / "mesh")], eight)
-    run(REFERENCE_ARGS + ["--output-dir", str(tmp_path / "fsdp"), "--fsdp", "2"], eight)
-    run(REFERENCE_ARGS + ["--output-dir", str(tmp_path / "pmap"), "--parallel", "pmap"], eight)
+    run_in_one_process([REFERENCE_ARGS + ["--output-dir", str(tmp_path / "mesh")],
+                        REFERENCE_ARGS + ["--output-dir", str(tmp_path / "fsdp"), "--fsdp", "2"],
+                        REFERENCE_ARGS + ["--output-dir", str(tmp_path / "pmap"), "--parallel", "pmap"]], eight)
     ref = losses(reference_run)
     assert len(ref) == 4 and ref[-1] < ref[0]
     for name in ("mesh", "fsdp", "pmap"):
@@ -190,7 +202,7 @@ def test_bad_input_fails_before_compiling(tmp_path, case):
                  "--eval-data", _manifest(tmp_path / "e.jsonl", bad)]
         expect = "no-such-class"
     else:
-        run(TEXT_JOB + ["--max-steps", "1", "--output-dir", str(tmp_path / "out")])
+        run(TEXT_JOB + ["--max-steps", "1", "--output-dir", str(tmp_path / "out")], FAST)  # compile-bound
         args = TEXT_JOB + ["--max-steps", "2", "--output-dir", str(tmp_path / "out"),
                            "--model-config", json.dumps({"num_hidden_layers": 2})]
         expect = "with other options: model_config: "  # the diff (then max_steps: 1 -> 2), before the model is built

@@ -25,7 +25,7 @@ OUTPUT_DIR = "outputs/04_text_tasks"  # figures (PNG) and everything this notebo
 
 MODEL = "tiny" if QUICK else "data2vec-text-base"
 STEPS = 30 if QUICK else 1000  # per task; quick: question answering gets QA_STEPS
-QA_STEPS = 80 if QUICK else STEPS
+QA_STEPS = 80 if QUICK else STEPS  # quick: also the QA task's learning test (tests/test_notebooks.py)
 QA_LEARNING_RATE = 3e-4 if QUICK else 0.0  # 0 = the task's default (1e-4, the fine-tuning recipe)
 BATCH_SIZE = 8 if QUICK else 32
 MAX_TEXT_TOKENS = 64 if QUICK else 256
