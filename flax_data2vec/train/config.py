@@ -92,6 +92,9 @@ class TrainConfig:
     clip_norm: float = option(1.0, "global gradient-norm clip; 0: none", low=0)
     freeze_feature_encoder: bool = option(True, "audio: no gradient through the CNN (as wav2vec 2.0 fine-tuning)")
     freeze_encoder_steps: int = option(0, "train only the head for this many steps", low=0)
+    speaker_probe_weight: float = option(3.0, "speaker-verification: weight of the auxiliary speaker cross-entropy "
+                                         "of a linear probe on the mean-pooled projector output (teaches the "
+                                         "encoder speakers; not exported); 0: AM-softmax alone", low=0)
     # model switches
     dtype: str = option("float32", "compute dtype (params stay float32)", choices=("float32", "bfloat16"))
     scan_layers: bool = option(False, "jax.lax.scan over the layers (faster compiles for deep models)")

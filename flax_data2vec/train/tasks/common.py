@@ -258,11 +258,12 @@ def fine_tuning_task(cfg: TrainConfig, architecture: str, model: TaskModel,
                      steps: tuple[Callable, Callable], eval_metrics: Callable, *, lr: float,
                      schedule: str = "linear", ratios: tuple[float, float, float] = (0.1, 0.4, 0.5),
                      best: tuple[str, str] = ("eval_loss", "min"), save_assets: Callable[[str], None] = no_assets,
-                     data_detail: str = "") -> Task:
+                     data_detail: str = "", export: Callable | None = None) -> Task:
     """The `Task` of fine-tuning `model` (a head on the shared encoder): AdamW by param label (the CNN frozen for
     audio checkpoints), the trained module exported as it is, the log naming model and data. A task file states
     only its data (`sources`, the (train, eval) iterators `data`), its (loss, eval_step) `steps`, its metrics,
-    learning rate and schedule, the metric that picks the best checkpoint, and the assets saved beside it."""
+    learning rate and schedule, the metric that picks the best checkpoint, the assets saved beside it, and its
+    `export` when training params hold more than the module's (default: the module and params as they are)."""
     train, evaluation = sources
     frozen_cnn = registry.is_audio(architecture) and freeze_cnn(cfg)
     loss, eval_step = steps
@@ -270,6 +271,6 @@ def fine_tuning_task(cfg: TrainConfig, architecture: str, model: TaskModel,
         name=cfg.task, architecture=architecture, module=model.module, init=lambda: model.params,
         optimizer=adamw(cfg, lr, schedule, fine_tuning_labels(cfg, type(model.module).__name__, frozen_cnn), ratios),
         loss=loss, eval_step=eval_step, eval_metrics=eval_metrics, train_data=data[0], eval_data=data[1],
-        export=export_as(model.module), identity=identity(cfg, architecture, model.module),
+        export=export or export_as(model.module), identity=identity(cfg, architecture, model.module),
         best_metric=best[0], best_mode=best[1], save_assets=save_assets,
         notes=(model.note, data_note(train, evaluation) + data_detail))

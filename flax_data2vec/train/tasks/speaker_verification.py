@@ -6,14 +6,23 @@ the speaker is the espeak voice variant ("en+klatt3" -> "klatt3": 16 speakers, a
 so the shipped eval verifies seen speakers on unseen utterances); the accent part of the voice string changes
 pronunciation, not the voice (README: a long-term spectrum separates variants, not accents). Trials: every pair
 of eval utterances (a fixed sample when there are more than MAX_TRIALS pairs); chance EER is 0.5.
+
+AM-softmax alone drives a randomly initialised encoder to its constant-embedding optimum (README); an auxiliary
+cross-entropy of a linear probe on the masked mean of the x-vector's projector output (--speaker-probe-weight)
+teaches the encoder speakers first. The probe is a training aid: its params sit beside the model's in training
+checkpoints and are dropped from the exported model.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ... import losses
+from ...audio import feature_attention_mask
 from .. import data as data_lib
 from .. import sources as sources_lib
 from ..config import TrainConfig
@@ -24,6 +33,7 @@ MAX_TRIALS = 250_000
 TRIAL_SEED = 0
 # the tiny preset's x-vector head scaled down with it (the reference's TDNN is 512 wide, 1500 before pooling)
 TINY_XVECTOR = dict(tdnn_dim=(128, 128, 128, 128, 384), xvector_output_dim=128)
+PROBE = "speaker_probe"  # the auxiliary probe's params, a top-level key beside the module's (flax ignores it)
 
 
 def speaker_sources(cfg: TrainConfig) -> tuple[sources_lib.Split, sources_lib.Split, str]:
@@ -103,21 +113,41 @@ def make_speaker_verification(cfg: TrainConfig, shard_index: int = 0, num_shards
     changes = {**(TINY_XVECTOR if cfg.model == "tiny" else {}), "id2label": label_map.id2label}
     model = common.audio_model(cfg, arch, changes)
     apply = common.forward(model.module)
+    config, weight = model.module.config, cfg.speaker_probe_weight
+    probe_init = {"kernel": 0.02 * jax.random.normal(jax.random.PRNGKey(cfg.seed), (config.tdnn_dim[0],
+                                                                                     len(label_map))),
+                  "bias": jnp.zeros((len(label_map),))}
+    model = dataclasses.replace(model, params={**model.params, PROBE: probe_init} if weight else model.params)
 
     def scored(params, batch, rng, train):
-        """Embeddings and the AM-softmax (sum, count, correct) over rows of known speakers."""
-        out = apply(params, batch, rng, train)
+        """Embeddings, the AM-softmax (sum, count, correct) over rows of known speakers, and the probe's
+        (sum, correct) on the same rows (zeros without a probe)."""
+        out, state = apply(params, batch, rng, train, mutable=["intermediates"],
+                           capture_intermediates=lambda m, method: m.name == "projector" and method == "__call__")
         labels = common.real_rows(batch["labels"][:, 0], batch["example_mask"])
         total, count = losses.am_softmax_sum(out.logits, params["objective"], labels)
+        known = labels >= 0
         predicted = jnp.argmax(losses.cosine_scores(out.logits, params["objective"]), -1)
-        return out.embeddings, total, count, ((predicted == labels) & (labels >= 0)).sum()
+        probe_sum = probe_correct = jnp.zeros(())
+        if PROBE in params:
+            projected = state["intermediates"]["projector"]["__call__"][0]
+            frames = feature_attention_mask(config, batch["attention_mask"], projected.shape[1])[:, :, None]
+            pooled = jnp.where(frames, projected, 0).sum(1) / jnp.maximum(frames.sum(1), 1)
+            probe_logits = pooled @ params[PROBE]["kernel"] + params[PROBE]["bias"]
+            probe_sum, _ = losses.cross_entropy_sum(probe_logits, labels)
+            probe_correct = ((jnp.argmax(probe_logits, -1) == labels) & known).sum()
+        return out.embeddings, (total, count, ((predicted == labels) & known).sum()), (probe_sum, probe_correct)
 
     def loss(params, extra, batch, rng, train):
-        _, total, count, correct = scored(params, batch, rng, train)
-        return total, count, {"accuracy": correct / jnp.maximum(count, 1.0)}
+        _, (total, count, correct), (probe_sum, probe_correct) = scored(params, batch, rng, train)
+        denominator = jnp.maximum(count, 1.0)
+        metrics = {"accuracy": correct / denominator, "am_softmax": total / denominator}
+        if PROBE in params:
+            metrics.update(probe_loss=probe_sum / denominator, probe_accuracy=probe_correct / denominator)
+        return total + weight * probe_sum, count, metrics
 
     def eval_step(params, extra, batch):
-        embeddings, total, count, correct = scored(params, batch, None, False)
+        embeddings, (total, count, correct), _ = scored(params, batch, None, False)
         return {"loss_sum": total, "count": count, "correct": correct, "embeddings": embeddings,
                 "labels": batch["labels"], "example_mask": batch["example_mask"]}
 
@@ -126,8 +156,12 @@ def make_speaker_verification(cfg: TrainConfig, shard_index: int = 0, num_shards
         metrics = common.classification_eval(outputs)  # eval_loss / eval_accuracy: eval rows of train speakers
         return {**metrics, "eval_eer": eer, "eval_trials": trials}
 
+    def export(params):
+        return model.module, {k: v for k, v in params.items() if k != PROBE}
+
     seen = len(set(eval_speakers) & set(label_map.names))
     return common.fine_tuning_task(cfg, arch, model, (train, evaluation), (train_data, eval_data), (loss, eval_step),
-                                   eval_metrics, lr=3e-4, best=("eval_eer", "min"),
+                                   eval_metrics, lr=1e-3, best=("eval_eer", "min"),
                                    data_detail=f"; {len(label_map)} train speakers, {seen} of the "
-                                               f"{len(set(eval_speakers))} eval speakers among them")
+                                               f"{len(set(eval_speakers))} eval speakers among them",
+                                   export=export)
