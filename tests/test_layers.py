@@ -104,7 +104,7 @@ def test_cpu_row_attention_and_conv_matmuls_equal_the_plain_program(monkeypatch)
     plain = jax.jit(run)()
     plain_hlo = jax.jit(lambda: run()).lower().as_text()
     monkeypatch.setattr(layers, "CPU_CONV_MATMUL_MIN_MACS", 0)
-    monkeypatch.setattr(layers, "CPU_ROW_ATTENTION_MIN_LOGITS", 0)
+    monkeypatch.setattr(layers, "CPU_ROW_ATTENTION_MIN_ROW_LOGITS", 0)
     rewritten = jax.jit(lambda: run())()
     for a, b in zip(jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(rewritten)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
