@@ -122,14 +122,17 @@ def make_speaker_verification(cfg: TrainConfig, shard_index: int = 0, num_shards
     def scored(params, batch, rng, train):
         """Embeddings, the AM-softmax (sum, count, correct) over rows of known speakers, and the probe's
         (sum, correct) on the same rows (zeros without a probe)."""
-        out, state = apply(params, batch, rng, train, mutable=["intermediates"],
-                           capture_intermediates=lambda m, method: m.name == "projector" and method == "__call__")
+        probed = PROBE in params
+        capture = dict(mutable=["intermediates"], capture_intermediates=lambda m, method: m.name == "projector"
+                       and method == "__call__") if probed else {}
+        out = apply(params, batch, rng, train, **capture)
+        out, state = out if probed else (out, None)
         labels = common.real_rows(batch["labels"][:, 0], batch["example_mask"])
         total, count = losses.am_softmax_sum(out.logits, params["objective"], labels)
         known = labels >= 0
         predicted = jnp.argmax(losses.cosine_scores(out.logits, params["objective"]), -1)
         probe_sum = probe_correct = jnp.zeros(())
-        if PROBE in params:
+        if probed:
             projected = state["intermediates"]["projector"]["__call__"][0]
             frames = feature_attention_mask(config, batch["attention_mask"], projected.shape[1])[:, :, None]
             pooled = jnp.where(frames, projected, 0).sum(1) / jnp.maximum(frames.sum(1), 1)
