@@ -119,14 +119,14 @@ def make_speaker_verification(cfg: TrainConfig, shard_index: int = 0, num_shards
                   "bias": jnp.zeros((len(label_map),))}
     model = dataclasses.replace(model, params={**model.params, PROBE: probe_init} if weight else model.params)
 
-    def scored(params, batch, rng, train):
+    def scored(params, batch, rng, train, probed):
         """Embeddings, the AM-softmax (sum, count, correct) over rows of known speakers, and the probe's
-        (sum, correct) on the same rows (zeros without a probe)."""
-        probed = PROBE in params
-        capture = dict(mutable=["intermediates"], capture_intermediates=lambda m, method: m.name == "projector"
-                       and method == "__call__") if probed else {}
-        out = apply(params, batch, rng, train, **capture)
-        out, state = out if probed else (out, None)
+        (sum, correct) on the same rows (zeros when not `probed`)."""
+        if probed:  # the projector's output, for the probe
+            out, state = apply(params, batch, rng, train, mutable=["intermediates"],
+                               capture_intermediates=lambda m, method: m.name == "projector" and method == "__call__")
+        else:
+            out = apply(params, batch, rng, train)
         labels = common.real_rows(batch["labels"][:, 0], batch["example_mask"])
         total, count = losses.am_softmax_sum(out.logits, params["objective"], labels)
         known = labels >= 0
@@ -142,7 +142,7 @@ def make_speaker_verification(cfg: TrainConfig, shard_index: int = 0, num_shards
         return out.embeddings, (total, count, ((predicted == labels) & known).sum()), (probe_sum, probe_correct)
 
     def loss(params, extra, batch, rng, train):
-        _, (total, count, correct), (probe_sum, probe_correct) = scored(params, batch, rng, train)
+        _, (total, count, correct), (probe_sum, probe_correct) = scored(params, batch, rng, train, PROBE in params)
         denominator = jnp.maximum(count, 1.0)
         metrics = {"accuracy": correct / denominator, "am_softmax": total / denominator}
         if PROBE in params:
@@ -150,7 +150,7 @@ def make_speaker_verification(cfg: TrainConfig, shard_index: int = 0, num_shards
         return total + weight * probe_sum, count, metrics
 
     def eval_step(params, extra, batch):
-        embeddings, (total, count, correct), _ = scored(params, batch, None, False)
+        embeddings, (total, count, correct), _ = scored(params, batch, None, False, False)  # eval scores embeddings
         return {"loss_sum": total, "count": count, "correct": correct, "embeddings": embeddings,
                 "labels": batch["labels"], "example_mask": batch["example_mask"]}
 
