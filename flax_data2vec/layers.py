@@ -99,32 +99,50 @@ def mask_to_bias_mask(attention_mask: Array | None) -> Array | None:
     return attention_mask.astype(bool)[:, None, None, :]
 
 
+def _row_attention(q: Array, k: Array, v: Array, bias: Array | None, mask: Array | None) -> Array:
+    """One batch row of `jax.nn.dot_product_attention` (q (q, heads, d); bias, mask broadcast to (heads, q, k)).
+
+    Heads-major matmuls, and the softmax normalised after the value product (one pass fewer over the logits);
+    masked keys get jax's large negative logit, so a row with no key left averages all values, as jax's does.
+    """
+    qt, kt, vt = (t.transpose(1, 0, 2) for t in (q * q.shape[-1] ** -0.5, k, v))
+    logits = jnp.einsum("hqd,hkd->hqk", qt, kt, preferred_element_type=jnp.float32)
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    if mask is not None:
+        logits = jnp.where(mask, logits, -0.7 * jnp.finfo(jnp.float32).max)
+    e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
+    out = jnp.einsum("hqk,hkd->hqd", e.astype(v.dtype), vt, preferred_element_type=jnp.float32)
+    return (out / e.sum(-1, keepdims=True)).astype(v.dtype).transpose(1, 0, 2)
+
+
 def _batch_rows(t: Array | None, batch: int):
-    """(t split into `batch` rows for lax.map, or None) and a function giving row i's (1, ...) slice."""
+    """(t split into `batch` rows for lax.map, or None) and a function giving row i's (heads|1, q|1, k) slice."""
     if t is None:
         return None, lambda row: None
     if t.ndim == 4 and t.shape[0] == batch:
-        return t, lambda row: row[None]
-    return None, lambda row: t
+        return t, lambda row: row
+    return None, lambda row: t.reshape(t.shape[-3:]) if t.ndim == 4 else t
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, bias: Array | None, mask: Array | None,
                           implementation: str | None) -> Array:
     """`jax.nn.dot_product_attention`; on CPU (XLA implementation) run one batch row at a time.
 
-    The same function row by row: one row's (heads, q, k) logits stay in cache, where XLA:CPU's batched
-    einsum + softmax over the whole (batch, heads, q, k) tensor runs ~2x slower (benchmarks/README.md).
+    The same function row by row (`_row_attention`): one row's (heads, q, k) logits stay in cache, where
+    XLA:CPU's batched einsum + softmax over the whole (batch, heads, q, k) tensor runs ~2x slower, and its
+    per-row call of `jax.nn.dot_product_attention` ~1.6x slower (benchmarks/README.md).
     """
     attend = functools.partial(jax.nn.dot_product_attention, implementation=implementation)
     row_logits = q.shape[2] * q.shape[1] * k.shape[1]  # (heads, q, k) of one row; q is (batch, q, heads, d)
-    if implementation not in (None, "xla") or q.shape[0] == 1 or row_logits < CPU_ROW_ATTENTION_MIN_ROW_LOGITS:
+    if implementation not in (None, "xla") or row_logits < CPU_ROW_ATTENTION_MIN_ROW_LOGITS:
         return attend(q, k, v, bias, mask=mask)
     batch = q.shape[0]
     (bias_rows, bias_of), (mask_rows, mask_of) = _batch_rows(bias, batch), _batch_rows(mask, batch)
 
     def one_row(xs):
         qr, kr, vr, br, mr = xs
-        return attend(qr[None], kr[None], vr[None], bias_of(br), mask=mask_of(mr))[0]
+        return _row_attention(qr, kr, vr, bias_of(br), mask_of(mr))
 
     return jax.lax.platform_dependent(
         cpu=lambda: jax.lax.map(one_row, (q, k, v, bias_rows, mask_rows)),

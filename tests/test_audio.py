@@ -295,3 +295,33 @@ def test_padding_invariant_gives_each_clip_its_unpadded_outputs():
         assert_close(f"row {i}", batched[i, :frames[i]], alone)
         if i:  # padded rows: the reference's (default) batched outputs differ from the clip alone
             assert float(jnp.abs(leaky[i, :frames[i]] - alone).max()) > 1e-3
+
+
+@pytest.mark.parametrize("samples", [1203, 1000])
+def test_cpu_feature_encoder_time_chunks_equal_the_whole_clip(monkeypatch, samples):
+    """On CPU the CNN runs over time chunks in a loop: the same frames as transformers' whole-clip CNN, and the
+    same gradients as our unchunked program (chunk sizes that do not divide the frames, a padded last group)."""
+    from flax_data2vec import audio
+
+    tmodel, module, params = build("Data2VecAudioForCTC")
+    x, mask = audio_batch(samples=samples)
+    labels = np.random.default_rng(3).integers(1, SMALL["vocab_size"], (3, 5))
+
+    def run():  # a fresh trace each time: the chunk sizes are read while tracing
+        def f(p):
+            out = module.apply({"params": p}, x, mask, labels, output_hidden_states=True)
+            return out.loss, out.logits, out.hidden_states[0]
+        out, vjp = jax.vjp(f, params)
+        return out, vjp(tuple(jnp.ones_like(o) for o in out))[0]
+
+    monkeypatch.setattr(audio, "CPU_FEATURE_CHUNK_FRAMES", 10 ** 6)
+    whole = jax.jit(lambda: run())()
+    loops = jax.jit(lambda: run()).lower().as_text().count("stablehlo.while")  # the CTC loss has its own
+    monkeypatch.setattr(audio, "CPU_FEATURE_CHUNK_FRAMES", 7)
+    monkeypatch.setattr(audio, "CPU_FEATURE_CHUNK_ROWS", 4)
+    assert jax.jit(lambda: run()).lower().as_text().count("stablehlo.while") > loops  # the chunk loop ran
+    chunked = jax.jit(lambda: run())()
+    for a, b in zip(jax.tree_util.tree_leaves(whole), jax.tree_util.tree_leaves(chunked)):  # relative 1e-5
+        assert_close("chunked vs whole", a, b, tol=1e-5 * max(1.0, float(jnp.abs(b).max())))
+    tout, jout = run_both("Data2VecAudioForCTC", tmodel, module, params, x, mask, labels)
+    compare(tout, jout, ("loss", "logits", "hidden_states"))

@@ -112,3 +112,42 @@ def test_cpu_row_attention_and_conv_matmuls_equal_the_plain_program(monkeypatch)
     hlo = jax.jit(lambda: run()).lower().as_text()
     assert "while" in hlo and "convolution" in hlo
     assert "while" not in plain_hlo and "convolution" not in plain_hlo
+
+
+def test_cpu_row_attention_equals_jax_attention_with_biases_and_masks(monkeypatch):
+    """The CPU row kernel against `jax.nn.dot_product_attention`: per-row and broadcast biases, padding masks
+    (one row with no key left), a causal mask, batch 1; values and gradients."""
+    from flax_data2vec import layers
+
+    monkeypatch.setattr(layers, "CPU_ROW_ATTENTION_MIN_ROW_LOGITS", 0)
+    rng = np.random.default_rng(0)
+    b, t, h, d = 3, 7, 4, 8
+    q, k, v = (jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32) for _ in range(3))
+    keys = jnp.asarray(np.arange(t)[None, :] < np.array([[7], [3], [0]]))
+    cases = {
+        "plain": (None, None),
+        "row bias": (jnp.asarray(rng.standard_normal((b, h, t, t)), jnp.float32), None),
+        "shared bias": (jnp.asarray(rng.standard_normal((1, h, t, t)), jnp.float32), None),
+        "padding": (None, keys[:, None, None, :]),
+        "causal + bias": (jnp.asarray(rng.standard_normal((1, h, t, t)), jnp.float32),
+                          jnp.tril(jnp.ones((t, t), bool))[None, None]),
+    }
+    for name, (bias, mask) in cases.items():
+        def ours(q, k, v):
+            return layers.dot_product_attention(q, k, v, bias, mask, None)
+
+        def ref(q, k, v):
+            return jax.nn.dot_product_attention(q, k, v, bias, mask=mask)
+
+        assert "while" in jax.jit(ours).lower(q, k, v).as_text(), name  # the row loop really ran
+        for sl in (slice(None), slice(0, 1)):  # the batch, and batch 1
+            args = (q[sl], k[sl], v[sl])
+            if bias is not None and bias.shape[0] == b and sl != slice(None):
+                continue
+            if mask is not None and mask.shape[0] == b and sl != slice(None):
+                continue
+            np.testing.assert_allclose(jax.jit(ours)(*args), ref(*args), rtol=1e-5, atol=1e-5, err_msg=name)
+            g_ours = jax.grad(lambda *a: (ours(*a) ** 2).sum(), argnums=(0, 1, 2))(*args)
+            g_ref = jax.grad(lambda *a: (ref(*a) ** 2).sum(), argnums=(0, 1, 2))(*args)
+            for x, y in zip(g_ours, g_ref):
+                np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5, err_msg=name)
