@@ -31,9 +31,9 @@ def gelu(x: Array) -> Array:
 # and layout overhead), so they apply from these static sizes on: multiply-adds of one Dense, and elements of
 # one batch row's (heads, q, k) attention logits.
 CPU_CONV_MATMUL_MIN_MACS = 2 ** 27
-# base audio 10 s (12 x 499 x 499 = 3.0M per row) takes it; base text 128 tokens (0.2M per row) runs 3.6 % faster
-# batched (8 x 128 classification forward, idle, 1.617 vs 1.676 s); tiny test models do not take it
-CPU_ROW_ATTENTION_MIN_ROW_LOGITS = 1_000_000
+# base text 128 tokens (12 x 128 x 128 = 0.2M logits per row) runs 8 % faster by rows (8 x 128 forward, 1,633 vs
+# 1,777 ms, interleaved), 512 tokens 12 %; at 32 tokens (12K) the two are level; tiny test models do not take it
+CPU_ROW_ATTENTION_MIN_ROW_LOGITS = 100_000
 
 
 def _conv_matmul(x: Array, kernel: Array, precision) -> Array:
