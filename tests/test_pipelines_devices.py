@@ -23,7 +23,7 @@ import flax_data2vec as fd
 
 assert jax.local_device_count() == 8
 ways = {{"one": dict(devices=jax.local_devices()[:1]), "pmap": dict(parallel="pmap"), "mesh": {{}}}}
-waves = [speech(0.4 + 0.02 * i, i) for i in range(11)]  # one length bucket; batches of 8 + 3 (padded to 8)
+waves = [speech(0.52 + 0.01 * i, i) for i in range(11)]  # one length bucket (0.64 s); batches of 8 + 3 (padded to 8)
 sentences = ["paris is the capital of france", "emma", "the quick brown fox jumps over the lazy dog"]
 out = {{}}
 for name, kw in ways.items():

@@ -34,7 +34,7 @@ def round_up(n: int, multiple: int) -> int:
 def bucket(length: int, minimum: int, multiple: int, maximum: int | None = None) -> int:
     """The padded length for `length`: the first of minimum·{1, 1.25, 1.5, 1.75}·2^k (rounded up to `multiple`)
     that holds it, capped at `maximum`. Four sizes an octave (at most 25 % padding), a few dozen from `minimum`
-    to hours; the octaves keep round sizes exact (128 or 512 tokens, 10 s or 20 s of audio from a 1-s minimum)."""
+    to hours; the octaves keep round sizes exact (128 or 512 tokens, 10 s or 20 s of audio from a 0.25-s minimum)."""
     octave = 1
     while True:
         for quarters in (4, 5, 6, 7):
