@@ -85,7 +85,7 @@ class ConvLayer(nn.Module):
 
 
 # On CPU the feature encoder runs all its layers over one time chunk at a time (CPU_FEATURE_CHUNK_FRAMES output
-# frames, CPU_FEATURE_CHUNK_ROWS chunks per step of a loop), so the 512-channel activations of the first layers
+# frames, up to CPU_FEATURE_CHUNK_ROWS chunks per step of a loop), so the 512-channel activations of the first layers
 # stay in cache instead of going through fresh memory: 8 x 10 s, 4.4 -> 3.7 s (benchmarks/README.md). Clips
 # shorter than two chunks run whole.
 CPU_FEATURE_CHUNK_FRAMES = 50
@@ -141,6 +141,7 @@ class FeatureEncoder(ConfigModule):
             windows = time_chunks(input_values, frames, chunk, *receptive_field(c))
             n_rows = windows.shape[0]
             groups = -(-n_rows // rows)
+            rows = -(-n_rows // groups)  # the fewest padded rows for that many steps
             windows = jnp.pad(windows, ((0, groups * rows - n_rows), (0, 0))).reshape(groups, rows, -1)
             out = jax.lax.map(run, windows).reshape(groups * rows, chunk, -1)[:n_rows]
             return out.reshape(batch, -1, out.shape[-1])[:, :frames]
