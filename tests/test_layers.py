@@ -133,10 +133,10 @@ def test_cpu_row_attention_equals_jax_attention_with_biases_and_masks(monkeypatc
                           jnp.tril(jnp.ones((t, t), bool))[None, None]),
     }
     for name, (bias, mask) in cases.items():
-        def ours(q, k, v):
+        def ours(q, k, v, bias=bias, mask=mask):
             return layers.dot_product_attention(q, k, v, bias, mask, None)
 
-        def ref(q, k, v):
+        def ref(q, k, v, bias=bias, mask=mask):
             return jax.nn.dot_product_attention(q, k, v, bias, mask=mask)
 
         assert "while" in jax.jit(ours).lower(q, k, v).as_text(), name  # the row loop really ran

@@ -18,6 +18,7 @@ from .inputs import check_long_enough, to_waveform
 # eval set: 97.6 s of audio computed instead of 118 s; transformers' per-batch padding computes 129 s)
 SHORTEST_BUCKET_S = 0.25
 
+
 class AudioPipeline(Pipeline):
     """Shared: the feature extractor, decoding inputs up front, bucketed padded batches (padding-invariant)."""
 
