@@ -92,14 +92,6 @@ CPU_FEATURE_CHUNK_FRAMES = 50
 CPU_FEATURE_CHUNK_ROWS = 8
 
 
-def receptive_field(config: Data2VecAudioConfig) -> tuple[int, int]:
-    """(samples one frame sees, samples between frames) of the feature encoder: (400, 320) for the base config."""
-    field, hop = 1, 1
-    for k, s in zip(config.conv_kernel, config.conv_stride):
-        field, hop = field + (k - 1) * hop, hop * s
-    return field, hop
-
-
 def time_chunks(x: Array, frames: int, chunk: int, field: int, hop: int) -> Array:
     """(batch, samples) -> (batch * n, hop * (chunk - 1) + field) windows whose frames are frames [j*chunk, ...)."""
     batch = x.shape[0]
@@ -138,7 +130,7 @@ class FeatureEncoder(ConfigModule):
 
         def chunked():
             batch, chunk, rows = input_values.shape[0], CPU_FEATURE_CHUNK_FRAMES, CPU_FEATURE_CHUNK_ROWS
-            windows = time_chunks(input_values, frames, chunk, *receptive_field(c))
+            windows = time_chunks(input_values, frames, chunk, c.receptive_field, c.inputs_to_logits_ratio)
             n_rows = windows.shape[0]
             groups = -(-n_rows // rows)
             rows = -(-n_rows // groups)  # the fewest padded rows for that many steps
